@@ -1,0 +1,96 @@
+"""Explicit, splittable randomness built from plain tensor ops.
+
+torch's dropout reads a global generator, so the same call gives different masks each
+time and a ``vmap`` over samples cannot give each sample a chosen mask. Here a *key* is
+a 0-dim ``int64`` tensor and every random number is a hash of (key, position): the same
+key always gives the same numbers, on any device, eagerly, under ``torch.compile`` and
+under ``vmap`` (a batch of keys gives a batch of independent streams).
+
+The hash is two rounds of a 32-bit integer mixer (multiply, xor-shift). Every product
+stays below 2**63, so int64 arithmetic never overflows on any backend.
+
+Example:
+    >>> import torch
+    >>> from functorch_diary import prng
+    >>> key = prng.key(0)
+    >>> a = prng.uniform(key, (3,))
+    >>> torch.equal(a, prng.uniform(key, (3,)))
+    True
+    >>> torch.equal(a, prng.uniform(prng.fold_in(key, 1), (3,)))
+    False
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["key", "fold_in", "uniform", "KeyedDropout"]
+
+_MASK32 = 0xFFFFFFFF
+_MUL1 = 0x7FEB352D  # both multipliers are below 2**31: a 32-bit value times one fits in int64
+_MUL2 = 0x5BD1E995
+_GOLDEN = 0x9E3779B1
+
+
+def _mix32(x: Tensor) -> Tensor:
+    x = x ^ (x >> 16)
+    x = (x * _MUL1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MUL2) & _MASK32
+    return x ^ (x >> 16)
+
+
+def key(seed: int | Tensor, device: torch.device | str | None = None) -> Tensor:
+    """A key (0-dim int64 tensor) from an integer seed."""
+    if isinstance(seed, Tensor):
+        return seed.to(dtype=torch.int64, device=device or seed.device)
+    return torch.tensor(int(seed) & 0x7FFFFFFFFFFFFFFF, dtype=torch.int64, device=device)
+
+
+def fold_in(base: Tensor, data: int | Tensor) -> Tensor:
+    """A new key derived from ``base`` and ``data`` (a step count, a layer index...)."""
+    data = torch.as_tensor(data, dtype=torch.int64, device=base.device)
+    low = _mix32((base & _MASK32) ^ _mix32(data & _MASK32))
+    high = _mix32(((base >> 32) & _MASK32) ^ _mix32((data * _GOLDEN) & _MASK32) ^ low)
+    return ((high & 0x7FFFFFFF) << 32) | low
+
+
+def uniform(
+    key: Tensor, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Numbers in [0, 1) on the key's device, a pure function of ``key`` and ``shape``."""
+    counter = torch.arange(int(torch.Size(shape).numel()), device=key.device, dtype=torch.int64)
+    low, high = _mix32(key & _MASK32), _mix32((key >> 32) & _MASK32)
+    bits = _mix32(_mix32(((counter * _GOLDEN) & _MASK32) ^ low) ^ high)
+    # 24 random bits are exact in every float dtype we use and give an unbiased grid.
+    return ((bits >> 8).to(dtype) * (1.0 / (1 << 24))).reshape(shape)
+
+
+class KeyedDropout(nn.Module):
+    """Dropout whose mask comes from the ``key`` buffer instead of the global generator.
+
+    ``Model`` puts one in place of every ``nn.Dropout``/``Dropout1d/2d/3d`` of its
+    template and feeds each a key derived from ``apply``'s ``rng``. ``channelwise``
+    drops whole channels, as ``Dropout1d/2d/3d`` do.
+    """
+
+    def __init__(self, p: float, channelwise: bool = False) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = p
+        self.channelwise = channelwise
+        self.register_buffer("key", torch.zeros((), dtype=torch.int64), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p == 1.0:
+            return torch.zeros_like(x)
+        shape = (*x.shape[:2], *([1] * (x.dim() - 2))) if self.channelwise else x.shape
+        keep = uniform(self.key, shape, x.dtype) >= self.p
+        return x * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, channelwise={self.channelwise}"
