@@ -15,9 +15,34 @@ Example:
     1
 """
 
-from . import init, models, optim, prng, tree
+# ``distributed`` is left out on purpose: ``python -m functorch_diary.distributed`` (the
+# torchrun entry point) must not find itself already imported. Import it explicitly.
+from . import (
+    checkpoint,
+    data,
+    diagnose,
+    features,
+    fit,
+    func,
+    gan,
+    guard,
+    init,
+    layers,
+    losses,
+    models,
+    optim,
+    pretrained,
+    prng,
+    projections,
+    reparam,
+    style,
+    tree,
+)
+from .checkpoint import CheckpointError
 from .checks import TreeMismatchError
+from .diagnose import LayerError
 from .functional import Model, State, extract
+from .guard import apply_if_finite, guard_train_step
 from .testing import assert_trees_close
 from .train import TrainState, init_train_state, make_eval_step, make_train_step
 from .tree import Params
@@ -25,19 +50,37 @@ from .tree import Params
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "LayerError",
     "Model",
     "Params",
     "State",
     "TrainState",
     "TreeMismatchError",
+    "apply_if_finite",
     "assert_trees_close",
+    "checkpoint",
+    "data",
+    "diagnose",
     "extract",
+    "features",
+    "fit",
+    "func",
+    "gan",
+    "guard",
+    "guard_train_step",
     "init",
     "init_train_state",
+    "layers",
+    "losses",
     "make_eval_step",
     "make_train_step",
     "models",
     "optim",
+    "pretrained",
     "prng",
+    "projections",
+    "reparam",
+    "style",
     "tree",
 ]

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["LeafSpec", "TreeMismatchError", "check_leaves", "check_inputs"]
+__all__ = ["LeafSpec", "TreeMismatchError", "check_inputs", "check_leaves"]
 
 
 class TreeMismatchError(ValueError):
@@ -81,7 +81,8 @@ def check_leaves(
         leaf = tree[name]
         if not isinstance(leaf, Tensor):
             raise TreeMismatchError(
-                f"{what}[{name!r}]: expected a tensor ({_describe(spec)}), got {type(leaf).__name__}"
+                f"{what}[{name!r}]: expected a tensor ({_describe(spec)}), "
+                f"got {type(leaf).__name__}"
             )
         if leaf.shape != spec.shape:
             raise TreeMismatchError(
@@ -97,7 +98,9 @@ def check_leaves(
                     f"tree_map(lambda t: t.to({float_dtype}), {what})"
                 )
         elif leaf.dtype != spec.dtype:
-            raise TreeMismatchError(f"{what}[{name!r}]: expected dtype {spec.dtype}, got {leaf.dtype}")
+            raise TreeMismatchError(
+                f"{what}[{name!r}]: expected dtype {spec.dtype}, got {leaf.dtype}"
+            )
         if device is None:
             device, first_device_key = leaf.device, name
         elif leaf.device != device:

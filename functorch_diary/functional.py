@@ -33,6 +33,7 @@ from torch.func import functional_call
 
 from . import prng
 from .checks import LeafSpec, check_inputs, check_leaves
+from .diagnose import check_has_forward, locate_layer_error
 from .tree import Params
 
 __all__ = ["Model", "State", "extract"]
@@ -131,10 +132,18 @@ class Model:
         model._install_template(template)
         return model, params, state
 
+    @property
+    def factory(self) -> Callable[[], nn.Module]:
+        """The zero-argument callable that builds the module (``init`` calls it)."""
+        return self._factory
+
     def _install_template(self, template: nn.Module) -> None:
+        check_has_forward(template)
         template = _keyed_dropout(template)
         self._dropout_keys = [
-            f"{name}.key" for name, sub in template.named_modules() if isinstance(sub, prng.KeyedDropout)
+            f"{name}.key"
+            for name, sub in template.named_modules()
+            if isinstance(sub, prng.KeyedDropout)
         ]
         self.param_specs = {n: LeafSpec(p.shape, p.dtype) for n, p in template.named_parameters()}
         self.state_specs = {
@@ -219,7 +228,14 @@ class Model:
             base = prng.key(rng, device=device)
             for index, name in enumerate(self._dropout_keys):
                 tensors[name] = prng.fold_in(base, index)
-        outputs = functional_call(self._templates[train], tensors, inputs, kwargs, strict=False)
+        try:
+            outputs = functional_call(self._templates[train], tensors, inputs, kwargs, strict=False)
+        except (RuntimeError, NotImplementedError) as error:
+            # Only on the error path: re-run once with hooks on a copy to name the layer.
+            located = locate_layer_error(self._templates[train], tensors, inputs, kwargs, error)
+            if located is None:
+                raise
+            raise located from error
         return outputs, new_state
 
     def paths_of(self, *module_types: type[nn.Module], leaf: str = "weight") -> list[str]:
@@ -256,7 +272,9 @@ class Model:
             TreeMismatchError: a key is missing or unexpected, or a shape differs.
         """
         persistent = set(self._persistent)
-        specs = {n: s for n, s in {**self.param_specs, **self.state_specs}.items() if n in persistent}
+        specs = {
+            n: s for n, s in {**self.param_specs, **self.state_specs}.items() if n in persistent
+        }
         check_leaves("state_dict", state_dict, specs)
         params = {n: state_dict[n].detach().clone() for n in self.param_specs}
         state = {n: state_dict[n].detach().clone() for n in self.state_specs if n in persistent}
@@ -268,5 +286,5 @@ class Model:
         return params, {n: state[n] for n in self.state_specs}
 
     def __repr__(self) -> str:
-        return f"Model({type(self.template).__name__}, {len(self.param_specs)} params, {len(self.state_specs)} buffers)"
-
+        name = type(self.template).__name__
+        return f"Model({name}, {len(self.param_specs)} params, {len(self.state_specs)} buffers)"

@@ -36,17 +36,17 @@ from .tree import Params, Selector, select
 
 __all__ = [
     "Initializer",
-    "initialize",
-    "normal",
-    "uniform",
     "constant",
-    "zeros",
-    "ones",
-    "xavier_normal",
-    "xavier_uniform",
+    "initialize",
     "kaiming_normal",
     "kaiming_uniform",
+    "normal",
+    "ones",
     "orthogonal",
+    "uniform",
+    "xavier_normal",
+    "xavier_uniform",
+    "zeros",
 ]
 
 #: ``initializer(empty_cpu_tensor, generator) -> filled tensor`` (may fill in place: the
@@ -130,7 +130,7 @@ def initialize(
     masks = [select(params, selector) for selector, _ in rules]
     out = {}
     for name, leaf in params.items():
-        rule = next((fn for mask, (_, fn) in zip(masks, rules) if mask[name]), None)
+        rule = next((fn for mask, (_, fn) in zip(masks, rules, strict=True) if mask[name]), None)
         if rule is None:
             out[name] = leaf
             continue

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["key", "fold_in", "uniform", "KeyedDropout"]
+__all__ = ["KeyedDropout", "fold_in", "key", "uniform"]
 
 _MASK32 = 0xFFFFFFFF
 _MUL1 = 0x7FEB352D  # both multipliers are below 2**31: a 32-bit value times one fits in int64

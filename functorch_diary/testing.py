@@ -22,7 +22,7 @@ __all__ = ["assert_trees_close"]
 def assert_trees_close(
     actual: PyTree, expected: PyTree, *, rtol: float = 0.0, atol: float = 0.0
 ) -> None:
-    """Assert two pytrees have the same paths, shapes and dtypes, and close values.
+    """Assert two pytrees have the same paths, shapes, dtypes and devices, and close values.
 
     ``|actual - expected| <= atol + rtol * |expected|`` everywhere (NaNs must match).
     The defaults (0, 0) demand bit-for-bit equality. Non-tensor leaves must be equal.
@@ -35,16 +35,23 @@ def assert_trees_close(
     if got_paths != want_paths:
         only_got = sorted(set(got_paths) - set(want_paths))
         only_want = sorted(set(want_paths) - set(got_paths))
-        raise AssertionError(f"trees differ: only in actual {only_got}, only in expected {only_want}")
-    for (path, a), (_, b) in zip(got, want):
+        raise AssertionError(
+            f"trees differ: only in actual {only_got}, only in expected {only_want}"
+        )
+    for (path, a), (_, b) in zip(got, want, strict=True):
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
             if a != b:
                 raise AssertionError(f"leaf {path!r}: {a!r} != {b!r}")
             continue
         if a.shape != b.shape or a.dtype != b.dtype:
             raise AssertionError(
-                f"leaf {path!r}: shape/dtype {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}"
+                f"leaf {path!r}: shape/dtype {tuple(a.shape)} {a.dtype} "
+                f"vs {tuple(b.shape)} {b.dtype}"
             )
+        if a.device != b.device:
+            raise AssertionError(f"leaf {path!r}: device {a.device} vs {b.device}")
+        if a.is_meta:
+            continue  # meta tensors carry shapes only: there are no values to compare
         a64, b64 = a.detach().cpu().double(), b.detach().cpu().double()
         if not torch.equal(a64.isnan(), b64.isnan()):
             raise AssertionError(f"leaf {path!r}: NaNs in different places")
@@ -54,6 +61,7 @@ def assert_trees_close(
         if bool((diff > bound).any()):
             rel = (diff / b64.abs().clamp_min(1e-300)).max()
             raise AssertionError(
-                f"leaf {path!r}: max abs diff {diff.max().item():.3g} (max rel diff {rel.item():.3g}) "
+                f"leaf {path!r}: max abs diff {diff.max().item():.3g} "
+                f"(max rel diff {rel.item():.3g}) "
                 f"exceeds atol={atol:g} + rtol={rtol:g} * |expected|"
             )

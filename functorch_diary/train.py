@@ -5,6 +5,16 @@ objects that hold hidden state. Here one pure function maps the whole training s
 and a batch to the next state and the metrics; nothing is mutated, nothing needs zeroing,
 and the same function runs eagerly or as one ``torch.compile`` d graph.
 
+The compile policy: ``compile=None`` (the default) compiles the whole step (forward,
+backward, optimiser update, BatchNorm state, parameter transforms) as one graph when the
+params are on CUDA and runs it eagerly elsewhere; ``compile=True`` compiles on the CPU
+too. ``fullgraph=True`` turns any graph break into an error, each step function owns its
+compile cache (so building many steps in one process never hits Dynamo's recompile
+limit), and the train and eval steps are compiled separately, so alternating them
+re-traces neither. ``autocast_dtype=torch.bfloat16`` runs forward and loss under
+``torch.autocast``; ``channels_last=True`` keeps 4-D inputs, weights and optimiser
+buffers in the NHWC memory format.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -20,6 +30,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import types
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,13 +42,24 @@ from torch.func import grad_and_value
 from . import prng
 from .functional import Model, State
 from .optim.base import GradientTransformation, apply_updates
-from .tree import Params, tree_leaves
+from .tree import Params, PyTree, tree_leaves, tree_map
 
-__all__ = ["TrainState", "init_train_state", "make_train_step", "make_eval_step", "LossFn"]
+__all__ = [
+    "COMPILE_MODES",
+    "LossFn",
+    "TrainState",
+    "init_train_state",
+    "make_eval_step",
+    "make_train_step",
+]
 
 #: ``loss_fn(outputs, targets) -> scalar``, e.g. ``torch.nn.functional.cross_entropy``.
 LossFn = Callable[[Any, Any], Tensor]
 Batch = tuple[Any, Any]
+#: The ``torch.compile`` modes a step accepts (``None`` means ``"default"``):
+#: ``"reduce-overhead"`` replays CUDA graphs, ``"max-autotune"`` benchmarks kernel choices.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class TrainState(NamedTuple):
@@ -86,7 +109,55 @@ def _on_cuda(ts: TrainState) -> bool:
     return any(leaf.is_cuda for leaf in tree_leaves(ts.params))
 
 
-def _with_compile_policy(fn: Callable, compile: bool | None, mode: str | None) -> Callable:
+def _check_options(compile_mode: str | None, autocast_dtype: torch.dtype | None) -> None:
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise ValueError(
+            f"compile_mode must be None or one of {COMPILE_MODES}, got {compile_mode!r}"
+        )
+    if autocast_dtype is not None and autocast_dtype not in _AUTOCAST_DTYPES:
+        raise ValueError(
+            f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype}"
+        )
+
+
+def _to_channels_last(tree: PyTree) -> PyTree:
+    """Every 4-D tensor of ``tree`` in NHWC memory order (a no-op for those already so)."""
+
+    def convert(leaf: Any) -> Any:
+        if isinstance(leaf, Tensor) and leaf.dim() == 4:
+            return leaf.contiguous(memory_format=torch.channels_last)
+        return leaf
+
+    return tree_map(convert, tree)
+
+
+def _autocast(params: Params, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(tree_leaves(params)[0].device.type, dtype=dtype)
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a private copy of its code object.
+
+    Dynamo caches compiled graphs on the code object, and every step that
+    ``make_train_step`` builds shares one: the ninth step built in a process (another
+    model, another optimiser, a test suite) would count as the ninth recompilation and,
+    under ``fullgraph=True``, raise ``FailOnRecompileLimitHit``. A private code object
+    gives each step its own cache on every torch version.
+    """
+    return types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+
+
+def _with_compile_policy(
+    fn: Callable,
+    compile: bool | None,
+    mode: str | None,
+    backend: str | Callable,
+    channels_last: bool,
+) -> Callable:
     """``fn``, compiled as one graph on first call when ``compile`` says so.
 
     ``compile=None`` compiles when the params are on CUDA. ``fullgraph=True`` makes a
@@ -95,11 +166,17 @@ def _with_compile_policy(fn: Callable, compile: bool | None, mode: str | None) -
     compiled: list[Callable] = []
 
     def run(ts: TrainState, batch: Batch):
+        if channels_last:
+            # Outside the graph: the compiled step is specialised to its inputs' strides,
+            # and it returns NHWC tensors, so the first call must see NHWC ones too.
+            ts = _to_channels_last(ts)
         use = _on_cuda(ts) if compile is None else compile
         if not use:
             return fn(ts, batch)
         if not compiled:
-            compiled.append(torch.compile(fn, mode=mode, fullgraph=True))
+            compiled.append(
+                torch.compile(_own_code(fn), mode=mode, backend=backend, fullgraph=True)
+            )
         return compiled[0](ts, batch)
 
     run.__doc__ = fn.__doc__
@@ -114,6 +191,9 @@ def make_train_step(
     *,
     compile: bool | None = None,
     compile_mode: str | None = None,
+    compile_backend: str | Callable = "inductor",
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
     """Build ``step(train_state, (inputs, targets)) -> (train_state, {"loss": ...})``.
 
@@ -127,25 +207,68 @@ def make_train_step(
         optimizer: a :class:`~functorch_diary.optim.GradientTransformation`.
         compile: ``True``/``False`` to force ``torch.compile`` on or off; ``None``
             (default) compiles when the params are on CUDA.
-        compile_mode: ``torch.compile``'s mode (``"default"``, ``"reduce-overhead"``,
-            ``"max-autotune"``).
-    """
+        compile_mode: ``torch.compile``'s mode, one of :data:`COMPILE_MODES`. With
+            ``"reduce-overhead"`` (CUDA graphs) each call overwrites the tensors the
+            previous call returned: ``ts = step(ts, batch)`` is fine, but clone
+            (``tree.tree_clone``) a state you keep from an earlier step.
+        compile_backend: ``torch.compile``'s backend; ``"inductor"`` generates kernels,
+            ``"aot_eager"`` or a ``torch._dynamo.testing.CompileCounter`` trace without
+            code generation (debugging, tests).
+        autocast_dtype: ``torch.bfloat16`` (or ``torch.float16``) runs the forward pass
+            and the loss under ``torch.autocast``; params, gradients and the optimiser
+            stay in the params' dtype.
+        channels_last: keep 4-D inputs, weights and optimiser buffers in NHWC memory
+            order (faster convolutions on recent GPUs and oneDNN CPUs).
 
-    def loss_and_state(params: Params, state: State, inputs: Any, targets: Any, key: Tensor):
-        outputs, new_state = model.apply(params, state, inputs, train=True, rng=key)
-        return loss_fn(outputs, targets), new_state
+    Raises:
+        ValueError: an unknown ``compile_mode`` or ``autocast_dtype``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from functorch_diary import Model, optim, init_train_state
+        >>> model = Model(lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()))
+        >>> step = make_train_step(
+        ...     model, lambda out, y: out.square().mean(), optim.sgd(0.1),
+        ...     autocast_dtype=torch.bfloat16, channels_last=True)
+        >>> ts = init_train_state(model, optim.sgd(0.1))
+        >>> ts, metrics = step(ts, (torch.ones(1, 1, 4, 4), None))
+        >>> ts.params["0.weight"].dtype, ts.params["0.weight"].is_contiguous(
+        ...     memory_format=torch.channels_last)
+        (torch.float32, True)
+    """
+    _check_options(compile_mode, autocast_dtype)
+    # Deriving the step's dropout key is ~25 tiny integer ops: skip them when nothing reads it.
+    template = getattr(model, "template", None)
+    has_dropout = template is None or any(
+        isinstance(m, prng.KeyedDropout) for m in template.modules()
+    )
+
+    def loss_and_state(params: Params, state: State, inputs: Any, targets: Any, key: Tensor | None):
+        with _autocast(params, autocast_dtype):
+            outputs, new_state = model.apply(params, state, inputs, train=True, rng=key)
+            loss = loss_fn(outputs, targets)
+        return loss, new_state
 
     def step(ts: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
         inputs, targets = batch
-        key = prng.fold_in(ts.rng, ts.step)
+        if channels_last:
+            inputs = _to_channels_last(inputs)
+        key = prng.fold_in(ts.rng, ts.step) if has_dropout else None
         grads, (loss, new_state) = grad_and_value(loss_and_state, has_aux=True)(
             ts.params, ts.state, inputs, targets, key
         )
         updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
-        params = apply_updates(ts.params, updates)
-        return TrainState(params, new_state, opt_state, ts.step + 1, ts.rng), {"loss": loss}
+        new_ts = TrainState(
+            apply_updates(ts.params, updates), new_state, opt_state, ts.step + 1, ts.rng
+        )
+        if channels_last:
+            # Pin the layout of what comes out, so the next call sees the strides this
+            # graph was specialised to (a gradient may come back in NCHW order).
+            new_ts = _to_channels_last(new_ts)
+        return new_ts, {"loss": loss}
 
-    return _with_compile_policy(step, compile, compile_mode)
+    return _with_compile_policy(step, compile, compile_mode, compile_backend, channels_last)
 
 
 def make_eval_step(
@@ -154,19 +277,26 @@ def make_eval_step(
     *,
     compile: bool | None = None,
     compile_mode: str | None = None,
+    compile_backend: str | Callable = "inductor",
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[Any, dict[str, Tensor]]]:
     """Build ``eval_step(train_state, (inputs, targets)) -> (outputs, metrics)``.
 
     The model runs in eval mode (BatchNorm's running statistics, no dropout); ``metrics``
-    holds ``"loss"`` when ``loss_fn`` is given. Compilation follows the same policy as
-    :func:`make_train_step`, in a separate cache, so alternating train and eval steps
-    re-traces neither.
+    holds ``"loss"`` when ``loss_fn`` is given. Compilation and the other options follow
+    :func:`make_train_step`; the eval step has its own compile cache, so alternating
+    train and eval steps re-traces neither.
     """
+    _check_options(compile_mode, autocast_dtype)
 
     def eval_step(ts: TrainState, batch: Batch) -> tuple[Any, dict[str, Tensor]]:
         inputs, targets = batch
-        outputs, _ = model.apply(ts.params, ts.state, inputs, train=False)
-        metrics = {} if loss_fn is None else {"loss": loss_fn(outputs, targets)}
+        if channels_last:
+            inputs = _to_channels_last(inputs)
+        with _autocast(ts.params, autocast_dtype):
+            outputs, _ = model.apply(ts.params, ts.state, inputs, train=False)
+            metrics = {} if loss_fn is None else {"loss": loss_fn(outputs, targets)}
         return outputs, metrics
 
-    return _with_compile_policy(eval_step, compile, compile_mode)
+    return _with_compile_policy(eval_step, compile, compile_mode, compile_backend, channels_last)

@@ -34,27 +34,27 @@ Params = dict[str, Tensor]
 Predicate = Callable[[str, Any], bool]
 #: What :func:`select` accepts: a glob pattern, several patterns, a predicate on
 #: ``(path, leaf)``, or a mask tree of bools with the tree's own structure.
-Selector = Union[str, Sequence[str], Predicate, PyTree]
+Selector = Union[str, Sequence[str], Predicate, PyTree]  # noqa: UP007 (a runtime alias)
 
 __all__ = [
-    "PyTree",
     "Params",
+    "PyTree",
     "Selector",
-    "tree_map",
-    "tree_leaves",
-    "tree_flatten_with_paths",
-    "tree_paths",
-    "tree_unflatten_like",
-    "tree_add",
-    "tree_sub",
-    "tree_scale",
-    "tree_zeros_like",
-    "tree_clone",
-    "tree_global_norm",
-    "tree_where",
-    "select",
-    "partition",
     "combine",
+    "partition",
+    "select",
+    "tree_add",
+    "tree_clone",
+    "tree_flatten_with_paths",
+    "tree_global_norm",
+    "tree_leaves",
+    "tree_map",
+    "tree_paths",
+    "tree_scale",
+    "tree_sub",
+    "tree_unflatten_like",
+    "tree_where",
+    "tree_zeros_like",
 ]
 
 
@@ -78,7 +78,10 @@ def tree_flatten_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
     """``[(path, leaf), ...]`` in canonical order, paths joined with dots."""
     leaves, spec = optree.tree_flatten(tree, none_is_leaf=False)
     accessors = optree.treespec_accessors(spec)
-    return [(".".join(_entry_name(e) for e in acc), leaf) for acc, leaf in zip(accessors, leaves)]
+    return [
+        (".".join(_entry_name(e) for e in acc), leaf)
+        for acc, leaf in zip(accessors, leaves, strict=True)
+    ]
 
 
 def tree_paths(tree: PyTree) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from itertools import pairwise
 
 from torch import Tensor, nn
 
@@ -24,11 +25,13 @@ __all__ = ["MLP", "mlp"]
 class MLP(nn.Module):
     """Fully connected layers with ReLU between them; inputs are flattened first."""
 
-    def __init__(self, in_features: int = 784, hidden: Sequence[int] = (256,), num_classes: int = 10):
+    def __init__(
+        self, in_features: int = 784, hidden: Sequence[int] = (256,), num_classes: int = 10
+    ):
         super().__init__()
         widths = [in_features, *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
-        for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        for fan_in, fan_out in pairwise(widths):
             layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
         layers.append(nn.Linear(widths[-1], num_classes))
         self.net = nn.Sequential(*layers)

@@ -1,5 +1,18 @@
-"""Pure, optax-shaped optimisers that match ``torch.optim`` step for step."""
+"""Pure, optax-shaped optimisers, schedules, masks, clipping and accumulation that match
+``torch.optim`` step for step.
 
+Example:
+    >>> import torch
+    >>> from functorch_diary import optim
+    >>> schedule = optim.multistep_lr(0.1, milestones=[50_000, 75_000], gamma=0.1)
+    >>> opt = optim.sgd(schedule, momentum=0.9, weight_decay=1e-4)
+    >>> params = {"w": torch.ones(2)}
+    >>> updates, opt_state = opt.update({"w": torch.ones(2)}, opt.init(params), params)
+    >>> float(optim.current_lr(opt_state))
+    0.1
+"""
+
+from .accumulate import AccumulateState, accumulate_gradients
 from .base import (
     EmptyState,
     GradientTransformation,
@@ -7,32 +20,82 @@ from .base import (
     chain,
     identity,
 )
-from .optimizers import adam, sgd
+from .clipping import clip, clip_by_global_norm
+from .masking import MultiTransformState, freeze, masked, multi_transform, set_to_zero
+from .optimizers import adagrad, adam, adamw, rmsprop, sgd
+from .schedules import (
+    constant_lr,
+    cosine_annealing_lr,
+    exponential_lr,
+    join_schedules,
+    lambda_lr,
+    linear_lr,
+    multistep_lr,
+    polynomial_lr,
+    step_lr,
+)
 from .transforms import (
     ScaleByAdamState,
     ScaleByLearningRateState,
+    ScaleByRmsState,
+    ScaleByRssState,
+    ScaleByScheduleState,
     Schedule,
     TraceState,
     add_decayed_weights,
+    current_lr,
+    scale,
     scale_by_adam,
     scale_by_learning_rate,
+    scale_by_rms,
+    scale_by_rss,
+    scale_by_schedule,
     trace,
 )
 
 __all__ = [
+    "AccumulateState",
     "EmptyState",
     "GradientTransformation",
-    "Schedule",
+    "MultiTransformState",
     "ScaleByAdamState",
     "ScaleByLearningRateState",
+    "ScaleByRmsState",
+    "ScaleByRssState",
+    "ScaleByScheduleState",
+    "Schedule",
     "TraceState",
+    "accumulate_gradients",
+    "adagrad",
     "adam",
+    "adamw",
     "add_decayed_weights",
     "apply_updates",
     "chain",
+    "clip",
+    "clip_by_global_norm",
+    "constant_lr",
+    "cosine_annealing_lr",
+    "current_lr",
+    "exponential_lr",
+    "freeze",
     "identity",
+    "join_schedules",
+    "lambda_lr",
+    "linear_lr",
+    "masked",
+    "multi_transform",
+    "multistep_lr",
+    "polynomial_lr",
+    "rmsprop",
+    "scale",
     "scale_by_adam",
     "scale_by_learning_rate",
+    "scale_by_rms",
+    "scale_by_rss",
+    "scale_by_schedule",
+    "set_to_zero",
     "sgd",
+    "step_lr",
     "trace",
 ]

@@ -23,13 +23,13 @@ from typing import Any, NamedTuple, Protocol
 from ..tree import PyTree, tree_add
 
 __all__ = [
+    "EmptyState",
     "GradientTransformation",
     "TransformInitFn",
     "TransformUpdateFn",
-    "EmptyState",
-    "identity",
-    "chain",
     "apply_updates",
+    "chain",
+    "identity",
 ]
 
 
@@ -81,7 +81,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 "was it made by this optimiser's init?"
             )
         new_state = []
-        for transform, inner in zip(transforms, state):
+        for transform, inner in zip(transforms, state, strict=True):
             updates, inner = transform.update(updates, inner, params)
             new_state.append(inner)
         return updates, tuple(new_state)

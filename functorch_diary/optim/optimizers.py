@@ -1,5 +1,9 @@
 """Named optimisers: thin ``chain`` s of primitives that match ``torch.optim`` exactly.
 
+Each takes the same arguments, with the same defaults, as its ``torch.optim`` twin;
+``lr`` may also be a schedule ``step -> lr``. ``maximize=True`` negates the gradient
+first, exactly where torch does.
+
 Example:
     >>> import torch
     >>> from functorch_diary import optim
@@ -16,12 +20,20 @@ from .base import GradientTransformation, chain
 from .transforms import (
     ScalarOrSchedule,
     add_decayed_weights,
+    scale,
     scale_by_adam,
     scale_by_learning_rate,
+    scale_by_rms,
+    scale_by_rss,
+    scale_by_schedule,
     trace,
 )
 
-__all__ = ["sgd", "adam"]
+__all__ = ["adagrad", "adam", "adamw", "rmsprop", "sgd"]
+
+
+def _maybe_negate(maximize: bool) -> list[GradientTransformation]:
+    return [scale(-1.0)] if maximize else []
 
 
 def sgd(
@@ -30,19 +42,35 @@ def sgd(
     dampening: float = 0.0,
     nesterov: bool = False,
     weight_decay: float = 0.0,
+    *,
+    maximize: bool = False,
 ) -> GradientTransformation:
     """``torch.optim.SGD``: weight decay, then momentum, then ``-lr``.
 
     Args:
         lr: learning rate, or a schedule ``step -> lr``.
-        momentum, dampening, nesterov, weight_decay: as in ``torch.optim.SGD``.
+        momentum, dampening, nesterov, weight_decay, maximize: as in ``torch.optim.SGD``.
+
+    Returns:
+        The optimiser.
+
+    Example:
+        >>> import torch
+        >>> opt = sgd(0.5, maximize=True)
+        >>> p = {"w": torch.zeros(1)}
+        >>> opt.update({"w": torch.ones(1)}, opt.init(p), p)[0]
+        {'w': tensor([0.5000])}
     """
-    stages = [add_decayed_weights(weight_decay)]
+    stages = [*_maybe_negate(maximize), add_decayed_weights(weight_decay)]
+    # Negation and decay hand on new tensors; bare gradients are the caller's.
+    decayed = maximize or weight_decay != 0.0
     if momentum != 0.0:
-        stages.append(trace(momentum, dampening, nesterov))
+        stages.append(trace(momentum, dampening, nesterov, fresh_updates=decayed))
     elif nesterov:
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    return chain(*stages, scale_by_learning_rate(lr))
+    # Plain momentum hands its buffer (its state) on; Nesterov's output is new.
+    fresh = nesterov if momentum != 0.0 else decayed
+    return chain(*stages, scale_by_learning_rate(lr, fresh_updates=fresh))
 
 
 def adam(
@@ -50,8 +78,134 @@ def adam(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    *,
+    amsgrad: bool = False,
+    maximize: bool = False,
 ) -> GradientTransformation:
-    """``torch.optim.Adam``: L2 weight decay added to the gradient, then Adam, then ``-lr``."""
+    """``torch.optim.Adam``: L2 weight decay added to the gradient, then Adam, then ``-lr``.
+
+    Args:
+        lr: learning rate, or a schedule ``step -> lr``.
+        betas, eps, weight_decay, amsgrad, maximize: as in ``torch.optim.Adam``.
+
+    Returns:
+        The optimiser.
+
+    Example:
+        >>> import torch
+        >>> opt = adam(0.1, amsgrad=True)
+        >>> p = {"w": torch.zeros(1)}
+        >>> opt.update({"w": torch.ones(1)}, opt.init(p), p)[0]
+        {'w': tensor([-0.1000])}
+    """
     return chain(
-        add_decayed_weights(weight_decay), scale_by_adam(*betas, eps), scale_by_learning_rate(lr)
+        *_maybe_negate(maximize),
+        add_decayed_weights(weight_decay),
+        scale_by_adam(*betas, eps, amsgrad=amsgrad),
+        scale_by_learning_rate(lr, fresh_updates=True),
     )
+
+
+def adamw(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    *,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """``torch.optim.AdamW``: Adam with decoupled weight decay ``p -= lr * wd * p``.
+
+    The decay is added after the Adam direction and before ``-lr``, so it is scaled by
+    the (scheduled) learning rate and never enters the moments, as in torch.
+
+    Args:
+        lr: learning rate, or a schedule ``step -> lr``.
+        betas, eps, weight_decay, amsgrad, maximize: as in ``torch.optim.AdamW``.
+
+    Returns:
+        The optimiser.
+
+    Example:
+        >>> import torch
+        >>> opt = adamw(0.1, weight_decay=0.5)
+        >>> p = {"w": torch.ones(1)}
+        >>> opt.update({"w": torch.ones(1)}, opt.init(p), p)[0]
+        {'w': tensor([-0.1500])}
+    """
+    return chain(
+        *_maybe_negate(maximize),
+        scale_by_adam(*betas, eps, amsgrad=amsgrad),
+        add_decayed_weights(weight_decay, fresh_updates=True),  # Adam's direction is new
+        scale_by_learning_rate(lr, fresh_updates=True),
+    )
+
+
+def rmsprop(
+    lr: ScalarOrSchedule = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+    *,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """``torch.optim.RMSprop`` (WGAN's optimiser): L2 decay, RMS scaling, momentum, ``-lr``.
+
+    Args:
+        lr: learning rate, or a schedule ``step -> lr``.
+        alpha, eps, weight_decay, momentum, centered, maximize: as in
+            ``torch.optim.RMSprop``.
+
+    Returns:
+        The optimiser.
+
+    Example:
+        >>> import torch
+        >>> opt = rmsprop(5e-5)  # the WGAN critic's optimiser
+        >>> p = {"w": torch.zeros(1)}
+        >>> opt.update({"w": torch.ones(1)}, opt.init(p), p)[0]
+        {'w': tensor([-0.0005])}
+    """
+    # torch's momentum buffer starts at zero, so trace's "first buffer = input" is the same.
+    stages = [*_maybe_negate(maximize), add_decayed_weights(weight_decay)]
+    stages.append(scale_by_rms(alpha, eps, centered))
+    if momentum > 0:
+        stages.append(trace(momentum, fresh_updates=True))  # the RMS direction is new
+    # The RMS direction is new; a momentum buffer is trace's state.
+    return chain(*stages, scale_by_learning_rate(lr, fresh_updates=momentum <= 0))
+
+
+def adagrad(
+    lr: ScalarOrSchedule = 1e-2,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+    *,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """``torch.optim.Adagrad``: L2 decay, sum-of-squares scaling, ``lr / (1 + t * lr_decay)``.
+
+    Args:
+        lr: learning rate, or a schedule ``step -> lr``.
+        lr_decay, weight_decay, initial_accumulator_value, eps, maximize: as in
+            ``torch.optim.Adagrad``.
+
+    Returns:
+        The optimiser.
+
+    Example:
+        >>> import torch
+        >>> opt = adagrad(0.5)
+        >>> p = {"w": torch.zeros(1)}
+        >>> opt.update({"w": torch.full((1,), 7.0)}, opt.init(p), p)[0]
+        {'w': tensor([-0.5000])}
+    """
+    stages = [*_maybe_negate(maximize), add_decayed_weights(weight_decay)]
+    stages.append(scale_by_rss(initial_accumulator_value, eps))
+    if lr_decay != 0.0:
+        stages.append(scale_by_schedule(lambda step: 1.0 / (1.0 + step.double() * lr_decay)))
+    return chain(*stages, scale_by_learning_rate(lr, fresh_updates=True))

@@ -2,36 +2,60 @@
 
 Each one reproduces one line of ``torch.optim``'s update, in the same order of floating
 point operations, so a chain matches ``torch.optim`` step for step. Step-dependent
-choices (SGD's first momentum buffer, Adam's bias correction) are arithmetic on a
-``count`` tensor, never Python branches on the step, so a compiled step never re-traces.
+choices (SGD's first momentum buffer, Adam's bias correction, a schedule's value) are
+arithmetic on a ``count`` tensor, never Python branches on the step, so a compiled step
+never re-traces.
+
+Every stage works on whole leaf lists with ``torch._foreach_*`` kernels. A stage never
+writes into its inputs (the caller's grads, params or state); it only writes in place
+into tensors it allocated itself during the same call, which saves allocations without
+breaking purity.
+
+Example:
+    >>> import torch
+    >>> from functorch_diary import optim
+    >>> opt = optim.chain(optim.scale_by_rms(alpha=0.9), optim.scale_by_learning_rate(0.1))
+    >>> params = {"w": torch.ones(2)}
+    >>> updates, state = opt.update({"w": torch.tensor([1.0, -2.0])}, opt.init(params), params)
+    >>> updates["w"]
+    tensor([-0.3162,  0.3162])
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
+import optree
 import torch
 from torch import Tensor
 
-from ..tree import PyTree, tree_add, tree_leaves, tree_map, tree_scale, tree_unflatten_like
+from ..tree import PyTree, tree_add, tree_leaves, tree_map, tree_scale
 from .base import EmptyState, GradientTransformation
 
 __all__ = [
-    "Schedule",
     "ScalarOrSchedule",
-    "add_decayed_weights",
-    "trace",
-    "TraceState",
-    "scale_by_adam",
     "ScaleByAdamState",
-    "scale_by_learning_rate",
     "ScaleByLearningRateState",
+    "ScaleByRmsState",
+    "ScaleByRssState",
+    "ScaleByScheduleState",
+    "Schedule",
+    "TraceState",
+    "add_decayed_weights",
+    "current_lr",
+    "scale",
+    "scale_by_adam",
+    "scale_by_learning_rate",
+    "scale_by_rms",
+    "scale_by_rss",
+    "scale_by_schedule",
+    "trace",
 ]
 
-#: A learning-rate schedule: ``step (int64 tensor) -> lr (float tensor)``.
+#: A learning-rate schedule: ``step (int64 tensor) -> lr (float64 tensor)``.
 Schedule = Callable[[Tensor], Tensor]
-ScalarOrSchedule = Union[float, Schedule]
+ScalarOrSchedule = float | Schedule
 
 
 def _zero_count(params: PyTree) -> Tensor:
@@ -39,30 +63,102 @@ def _zero_count(params: PyTree) -> Tensor:
     return torch.zeros((), dtype=torch.int64, device=leaves[0].device if leaves else None)
 
 
-def add_decayed_weights(weight_decay: float) -> GradientTransformation:
-    """``g + weight_decay * p``: torch.optim's (coupled, L2) ``weight_decay``."""
+def _flatten(tree: PyTree) -> tuple[list[Tensor], optree.PyTreeSpec]:
+    return optree.tree_flatten(tree, none_is_leaf=False)
+
+
+def _like(spec: optree.PyTreeSpec, leaves: list[Tensor]) -> PyTree:
+    return optree.tree_unflatten(spec, leaves)
+
+
+def scale(factor: float) -> GradientTransformation:
+    """Multiply updates by a constant (``scale(-1.0)`` is torch's ``maximize=True``).
+
+    Example:
+        >>> import torch
+        >>> scale(-1.0).update({"w": torch.tensor([1.0, -2.0])}, EmptyState())[0]
+        {'w': tensor([-1.,  2.])}
+    """
+
+    def update(updates: PyTree, state: EmptyState, params: PyTree | None = None):
+        return tree_scale(updates, factor), state
+
+    return GradientTransformation(lambda params: EmptyState(), update)
+
+
+def add_decayed_weights(
+    weight_decay: float, *, fresh_updates: bool = False
+) -> GradientTransformation:
+    """``g + weight_decay * p``: torch.optim's (coupled, L2) ``weight_decay``.
+
+    After ``scale_by_adam`` and before the learning rate it is AdamW's decoupled decay.
+
+    Args:
+        weight_decay: the decay factor (0 makes this stage a no-op).
+        fresh_updates: promise that the updates this stage receives are new tensors made
+            by the stage before it in the same call, so the decay may be added in place;
+            see :func:`scale_by_learning_rate`.
+
+    Example:
+        >>> import torch
+        >>> p = {"w": torch.tensor([2.0])}
+        >>> add_decayed_weights(0.5).update({"w": torch.tensor([1.0])}, EmptyState(), p)[0]
+        {'w': tensor([2.])}
+    """
 
     def update(updates: PyTree, state: EmptyState, params: PyTree | None = None):
         if weight_decay == 0.0:
             return updates, state
         if params is None:
             raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
+        if fresh_updates:
+            leaves, spec = _flatten(updates)
+            if leaves:
+                torch._foreach_add_(leaves, spec.flatten_up_to(params), alpha=weight_decay)
+            return updates, state
         return tree_add(updates, params, alpha=weight_decay), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
 
 
 class TraceState(NamedTuple):
+    """SGD's momentum buffers and the number of steps taken."""
+
     count: Tensor
     trace: PyTree
 
 
-def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> GradientTransformation:
+def trace(
+    momentum: float,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    *,
+    fresh_updates: bool = False,
+) -> GradientTransformation:
     """SGD's momentum buffer, exactly as ``torch.optim.SGD`` keeps it.
 
     The first buffer is the gradient itself (not ``(1 - dampening) * g``); later ones are
     ``momentum * buf + (1 - dampening) * g``. With ``nesterov`` the update is
     ``g + momentum * buf``, otherwise ``buf``.
+
+    Args:
+        momentum: the momentum factor.
+        dampening: how much of the gradient is held back from the buffer (after step 1).
+        nesterov: use Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        fresh_updates: promise that the updates this stage receives are new tensors made
+            by the stage before it in the same call, so the new buffer may be built in
+            them (one allocation fewer per leaf); see :func:`scale_by_learning_rate`.
+
+    Returns:
+        A transformation whose state is a :class:`TraceState`.
+
+    Example:
+        >>> import torch
+        >>> t = trace(0.9)
+        >>> p = {"w": torch.zeros(1)}
+        >>> u, s = t.update({"w": torch.ones(1)}, t.init(p))
+        >>> t.update({"w": torch.ones(1)}, s)[0]
+        {'w': tensor([1.9000])}
     """
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
@@ -71,75 +167,357 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
         return TraceState(_zero_count(params), tree_map(torch.zeros_like, params))
 
     def update(updates: PyTree, state: TraceState, params: PyTree | None = None):
-        # later = 0 on the first step, 1 after: 0 * buf + 1 * g is exactly g.
-        later = (state.count > 0).to(torch.float64)
-        kept = tree_scale(state.trace, (momentum * later).to(_dtype(updates)))
-        fresh = tree_scale(updates, (1.0 - dampening * later).to(_dtype(updates)))
-        buf = tree_add(kept, fresh)
-        out = tree_add(updates, buf, alpha=momentum) if nesterov else buf
-        return out, TraceState(state.count + 1, buf)
+        grads, spec = _flatten(updates)
+        if not grads:
+            return updates, TraceState(state.count + 1, state.trace)
+        if dampening == 0.0:
+            # The buffer starts at zeros, so momentum * 0 + g is exactly torch's first
+            # buffer (g itself): one fused pass, no step-dependent factor.
+            if fresh_updates and not nesterov:  # Nesterov still needs g after the buffer
+                buf = grads
+                torch._foreach_add_(buf, tree_leaves(state.trace), alpha=momentum)
+            else:
+                buf = torch._foreach_add(grads, tree_leaves(state.trace), alpha=momentum)
+        else:
+            # later = 0 on the first step, 1 after: 0 * buf + 1 * g is exactly g.
+            later = (state.count > 0).to(grads[0].dtype)
+            buf = torch._foreach_mul(tree_leaves(state.trace), momentum * later)
+            torch._foreach_add_(buf, torch._foreach_mul(grads, 1.0 - dampening * later))
+        out = torch._foreach_add(grads, buf, alpha=momentum) if nesterov else buf
+        return _like(spec, out), TraceState(state.count + 1, _like(spec, buf))
 
     return GradientTransformation(init, update)
 
 
-def _dtype(tree: PyTree) -> torch.dtype:
-    leaves = tree_leaves(tree)
-    return leaves[0].dtype if leaves else torch.get_default_dtype()
-
-
 class ScaleByAdamState(NamedTuple):
+    """Adam's step count and moments; ``nu_max`` is AMSGrad's running max (``None``
+    without AMSGrad, so it holds no tensors)."""
+
     count: Tensor
     mu: PyTree
     nu: PyTree
+    nu_max: PyTree = None
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+def scale_by_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, amsgrad: bool = False
+) -> GradientTransformation:
     """Adam's direction as ``torch.optim.Adam`` computes it, before the learning rate.
 
     ``m / bc1 / (sqrt(v) / sqrt(bc2) + eps)`` with ``bc_i = 1 - b_i ** step``: eps is
     added *after* the bias correction of ``v``, as torch does (optax adds it before).
+    With ``amsgrad`` the running maximum of ``v`` (not bias-corrected, like torch's
+    ``max_exp_avg_sq``) replaces ``v`` in the denominator.
+
+    Args:
+        b1, b2: the moment decay rates (torch's ``betas``).
+        eps: added to the denominator.
+        amsgrad: use the AMSGrad variant.
+
+    Returns:
+        A transformation whose state is a :class:`ScaleByAdamState`.
+
+    Example:
+        >>> import torch
+        >>> t = scale_by_adam()
+        >>> p = {"w": torch.zeros(2)}
+        >>> t.update({"w": torch.tensor([3.0, -0.5])}, t.init(p))[0]["w"]
+        tensor([ 1.0000, -1.0000])
     """
 
     def init(params: PyTree) -> ScaleByAdamState:
         zeros = tree_map(torch.zeros_like, params)
-        return ScaleByAdamState(_zero_count(params), zeros, tree_map(torch.zeros_like, params))
+        nu_max = tree_map(torch.zeros_like, params) if amsgrad else None
+        return ScaleByAdamState(
+            _zero_count(params), zeros, tree_map(torch.zeros_like, params), nu_max
+        )
 
     def update(updates: PyTree, state: ScaleByAdamState, params: PyTree | None = None):
         count = state.count + 1
-        grads = tree_leaves(updates)
+        grads, spec = _flatten(updates)
         if not grads:
-            return updates, ScaleByAdamState(count, state.mu, state.nu)
+            return updates, ScaleByAdamState(count, state.mu, state.nu, state.nu_max)
         mu = torch._foreach_lerp(tree_leaves(state.mu), grads, 1.0 - b1)
         nu = torch._foreach_mul(tree_leaves(state.nu), b2)
-        torch._foreach_addcmul_(nu, grads, grads, value=1.0 - b2)  # nu is ours: fresh tensors
+        torch._foreach_addcmul_(nu, grads, grads, value=1.0 - b2)
+        if amsgrad:
+            nu_max = torch._foreach_maximum(tree_leaves(state.nu_max), nu)
+            denom = torch._foreach_sqrt(nu_max)
+        else:
+            denom = torch._foreach_sqrt(nu)
         # Bias corrections in float64, as torch computes them in Python floats.
         step = count.to(torch.float64)
         bc1 = (1.0 - b1**step).to(grads[0].dtype)
         bc2_sqrt = torch.sqrt(1.0 - b2**step).to(grads[0].dtype)
-        denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(nu), bc2_sqrt), eps)
-        direction = torch._foreach_div(torch._foreach_div(mu, denom), bc1)
-        return tree_unflatten_like(updates, direction), ScaleByAdamState(
-            count, tree_unflatten_like(updates, mu), tree_unflatten_like(updates, nu)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, eps)
+        # torch divides the denominator by step_size = lr / bc1; the lr comes later here.
+        torch._foreach_mul_(denom, bc1)
+        direction = torch._foreach_div(mu, denom)
+        return _like(spec, direction), ScaleByAdamState(
+            count, _like(spec, mu), _like(spec, nu), _like(spec, nu_max) if amsgrad else None
         )
 
     return GradientTransformation(init, update)
 
 
-class ScaleByLearningRateState(NamedTuple):
+class ScaleByRmsState(NamedTuple):
+    """RMSprop's running mean of squared gradients and, when centered, of gradients
+    (``None`` otherwise, so it holds no tensors)."""
+
+    square_avg: PyTree
+    grad_avg: PyTree = None
+
+
+def scale_by_rms(
+    alpha: float = 0.99, eps: float = 1e-8, centered: bool = False
+) -> GradientTransformation:
+    """RMSprop's direction ``g / (sqrt(v) + eps)`` as ``torch.optim.RMSprop`` computes it.
+
+    ``v = alpha * v + (1 - alpha) * g * g`` from zeros, with no bias correction. When
+    ``centered``, ``v - mean(g) ** 2`` replaces ``v`` (``mean(g)`` is the same running
+    average of the gradient). Momentum is a :func:`trace` after this stage.
+
+    Args:
+        alpha: the smoothing constant.
+        eps: added to the denominator after the square root.
+        centered: normalise by the estimated variance instead of the second moment.
+
+    Returns:
+        A transformation whose state is a :class:`ScaleByRmsState`.
+
+    Example:
+        >>> import torch
+        >>> t = scale_by_rms(alpha=0.75)
+        >>> p = {"w": torch.zeros(1)}
+        >>> t.update({"w": torch.tensor([4.0])}, t.init(p))[0]
+        {'w': tensor([2.])}
+    """
+
+    def init(params: PyTree) -> ScaleByRmsState:
+        grad_avg = tree_map(torch.zeros_like, params) if centered else None
+        return ScaleByRmsState(tree_map(torch.zeros_like, params), grad_avg)
+
+    def update(updates: PyTree, state: ScaleByRmsState, params: PyTree | None = None):
+        grads, spec = _flatten(updates)
+        if not grads:
+            return updates, state
+        square_avg = torch._foreach_mul(tree_leaves(state.square_avg), alpha)
+        torch._foreach_addcmul_(square_avg, grads, grads, value=1.0 - alpha)
+        if centered:
+            grad_avg = torch._foreach_lerp(tree_leaves(state.grad_avg), grads, 1.0 - alpha)
+            avg = torch._foreach_addcmul(square_avg, grad_avg, grad_avg, value=-1.0)
+            torch._foreach_sqrt_(avg)
+        else:
+            avg = torch._foreach_sqrt(square_avg)
+        torch._foreach_add_(avg, eps)
+        direction = torch._foreach_div(grads, avg)
+        new_state = ScaleByRmsState(
+            _like(spec, square_avg), _like(spec, grad_avg) if centered else None
+        )
+        return _like(spec, direction), new_state
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByRssState(NamedTuple):
+    """Adagrad's running sum of squared gradients."""
+
+    sum_of_squares: PyTree
+
+
+def scale_by_rss(
+    initial_accumulator_value: float = 0.0, eps: float = 1e-10
+) -> GradientTransformation:
+    """Adagrad's direction ``g / (sqrt(sum g*g) + eps)`` as ``torch.optim.Adagrad`` has it.
+
+    Args:
+        initial_accumulator_value: the starting value of the sum.
+        eps: added to the denominator after the square root.
+
+    Returns:
+        A transformation whose state is a :class:`ScaleByRssState`.
+
+    Example:
+        >>> import torch
+        >>> t = scale_by_rss()
+        >>> p = {"w": torch.zeros(1)}
+        >>> t.update({"w": torch.tensor([-3.0])}, t.init(p))[0]
+        {'w': tensor([-1.])}
+    """
+
+    def init(params: PyTree) -> ScaleByRssState:
+        return ScaleByRssState(
+            tree_map(lambda p: torch.full_like(p, initial_accumulator_value), params)
+        )
+
+    def update(updates: PyTree, state: ScaleByRssState, params: PyTree | None = None):
+        grads, spec = _flatten(updates)
+        if not grads:
+            return updates, state
+        total = torch._foreach_addcmul(tree_leaves(state.sum_of_squares), grads, grads, value=1.0)
+        std = torch._foreach_sqrt(total)
+        torch._foreach_add_(std, eps)
+        return _like(spec, torch._foreach_div(grads, std)), ScaleByRssState(_like(spec, total))
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByScheduleState(NamedTuple):
+    """The number of steps taken, the argument of the schedule."""
+
     count: Tensor
 
 
-def scale_by_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransformation:
-    """Multiply by ``-learning_rate`` (a float, or a schedule of the step count)."""
+def _as_dtype(value: Tensor, updates: list[Tensor]) -> Tensor:
+    return value.to(updates[0].dtype)
 
-    def init(params: PyTree) -> ScaleByLearningRateState:
-        return ScaleByLearningRateState(_zero_count(params))
 
-    def update(updates: PyTree, state: ScaleByLearningRateState, params: PyTree | None = None):
-        if callable(learning_rate):
-            lr = learning_rate(state.count).to(_dtype(updates))
-        else:
-            lr = learning_rate
-        return tree_scale(updates, -lr), ScaleByLearningRateState(state.count + 1)
+def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
+    """Multiply updates by ``schedule(step)`` (step 0 on the first update).
+
+    Adagrad's ``lr_decay`` is this stage with ``step -> 1 / (1 + step * lr_decay)``.
+
+    Example:
+        >>> import torch
+        >>> t = scale_by_schedule(lambda step: 0.5 ** step.double())
+        >>> p = {"w": torch.ones(1)}
+        >>> u, s = t.update(p, t.init(p))
+        >>> t.update(p, s)[0]
+        {'w': tensor([0.5000])}
+    """
+
+    def init(params: PyTree) -> ScaleByScheduleState:
+        return ScaleByScheduleState(_zero_count(params))
+
+    def update(updates: PyTree, state: ScaleByScheduleState, params: PyTree | None = None):
+        grads, spec = _flatten(updates)
+        new_state = ScaleByScheduleState(state.count + 1)
+        if not grads:
+            return updates, new_state
+        factor = _as_dtype(torch.as_tensor(schedule(state.count)), grads)
+        return _like(spec, torch._foreach_mul(grads, factor)), new_state
 
     return GradientTransformation(init, update)
+
+
+class ScaleByLearningRateState(NamedTuple):
+    """The number of steps taken and the learning rate the *next* step will use.
+
+    ``lr`` is what seed 003 reads as ``optimizer.param_groups[0]['lr']`` after
+    ``scheduler.step()``; :func:`current_lr` finds it in any optimiser state.
+    """
+
+    count: Tensor
+    lr: Tensor
+
+
+def _lr_at(learning_rate: ScalarOrSchedule, count: Tensor) -> Tensor:
+    if callable(learning_rate):
+        return torch.as_tensor(learning_rate(count), device=count.device).to(torch.float64)
+    return torch.as_tensor(learning_rate, dtype=torch.float64, device=count.device)
+
+
+def scale_by_learning_rate(
+    learning_rate: ScalarOrSchedule, *, fresh_updates: bool = False
+) -> GradientTransformation:
+    """Multiply by ``-learning_rate`` (a float, or a schedule of the step count).
+
+    Args:
+        learning_rate: a float, or a schedule ``step -> lr`` (see
+            :mod:`functorch_diary.optim.schedules`), evaluated at 0, 1, 2, ...
+        fresh_updates: promise that the updates this stage receives are new tensors
+            made by the stage before it in the same call (not the caller's gradients,
+            not anybody's state), so they may be scaled in place: one allocation fewer
+            per leaf. The named optimisers set it where it holds; leave it ``False``
+            otherwise.
+
+    Returns:
+        A transformation whose state is a :class:`ScaleByLearningRateState`.
+
+    Example:
+        >>> import torch
+        >>> from functorch_diary import optim
+        >>> t = scale_by_learning_rate(optim.step_lr(0.1, step_size=1, gamma=0.5))
+        >>> p = {"w": torch.ones(1)}
+        >>> u, s = t.update(p, t.init(p))
+        >>> u["w"], float(current_lr(s))
+        (tensor([-0.1000]), 0.05)
+    """
+
+    def init(params: PyTree) -> ScaleByLearningRateState:
+        count = _zero_count(params)
+        return ScaleByLearningRateState(count, _lr_at(learning_rate, count))
+
+    def update(updates: PyTree, state: ScaleByLearningRateState, params: PyTree | None = None):
+        count = state.count + 1
+        grads, spec = _flatten(updates)
+        if callable(learning_rate):
+            next_lr = _lr_at(learning_rate, count)
+            factor = _as_dtype(-state.lr, grads) if grads else -state.lr
+        else:
+            # A constant lr stays a Python float: the cheapest foreach overload.
+            next_lr, factor = state.lr, -learning_rate
+        if not grads:
+            return updates, ScaleByLearningRateState(count, next_lr)
+        if fresh_updates:
+            torch._foreach_mul_(grads, factor)
+            return updates, ScaleByLearningRateState(count, next_lr)
+        return _like(spec, torch._foreach_mul(grads, factor)), ScaleByLearningRateState(
+            count, next_lr
+        )
+
+    return GradientTransformation(init, update)
+
+
+def current_lr(opt_state: PyTree, group: str | None = None) -> Tensor:
+    """The learning rate the next update will use, read from an optimiser state.
+
+    The functional ``optimizer.param_groups[0]['lr']``: the first
+    :class:`ScaleByLearningRateState` found in ``opt_state`` (in its canonical order), or
+    the one of parameter group ``group`` of a :func:`~functorch_diary.optim.multi_transform`.
+
+    Args:
+        opt_state: any optimiser state.
+        group: the label of a ``multi_transform`` group, or ``None`` for the first lr.
+
+    Returns:
+        A 0-dim float64 tensor.
+
+    Raises:
+        ValueError: the state holds no learning rate (or no group of that name).
+
+    Example:
+        >>> import torch
+        >>> from functorch_diary import optim
+        >>> opt = optim.sgd(optim.multistep_lr(0.1, milestones=[1], gamma=0.1))
+        >>> params = {"w": torch.ones(1)}
+        >>> state = opt.init(params)
+        >>> float(current_lr(state))
+        0.1
+        >>> _, state = opt.update(params, state, params)
+        >>> float(current_lr(state))
+        0.010000000000000002
+    """
+    if group is not None:
+        for inner_states in _find_groups(opt_state):
+            if group in inner_states:
+                return current_lr(inner_states[group])
+        raise ValueError(f"no parameter group {group!r} in the optimiser state")
+    states = optree.tree_leaves(
+        opt_state,
+        is_leaf=lambda node: isinstance(node, ScaleByLearningRateState),
+        none_is_leaf=False,
+    )
+    for node in states:
+        if isinstance(node, ScaleByLearningRateState):
+            return node.lr
+    raise ValueError("the optimiser state holds no learning rate (no scale_by_learning_rate stage)")
+
+
+def _find_groups(opt_state: PyTree) -> list[dict]:
+    # multi_transform states are found by duck typing so this module need not import masking.
+    nodes = optree.tree_leaves(
+        opt_state, is_leaf=lambda node: hasattr(node, "inner_states"), none_is_leaf=False
+    )
+    return [node.inner_states for node in nodes if hasattr(node, "inner_states")]

@@ -1,0 +1,151 @@
+"""The optimiser update alone, on ResNet-18's parameter set: functional eager vs torch.optim.
+
+What is timed: one optimiser step on ResNet-18's 62 parameter tensors (11.2M floats),
+with fixed gradients, no forward or backward pass.
+
+- functional: ``updates, state = opt.update(grads, state, params)`` then
+  ``params = optim.apply_updates(params, updates)`` -- pure, so it allocates new params
+  and new state every step;
+- torch: ``torch.optim.<Name>(..., foreach=True).step()``, in place.
+
+Run: ``python benchmarks/optimizer_update.py [--device cpu|cuda] [--repeats 30]``. It
+prints a table and writes ``benchmarks/results/optimizer_update_<device>.json``.
+The target (issue 4): functional / torch <= 1.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+from functorch_diary import optim
+
+# ---------------------------------------------------------------------------------------
+# Setup: the parameter set and one set of gradients, shared by both sides.
+# ---------------------------------------------------------------------------------------
+
+
+def resnet18_params(device: torch.device) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    module = torchvision.models.resnet18(num_classes=10)
+    return {k: v.detach().to(device) for k, v in module.named_parameters()}
+
+
+# Each optimiser with the settings the diaries use; the same kwargs go to both sides.
+OPTIMISERS = {
+    "sgd": (optim.sgd, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}),
+    "adam": (optim.adam, torch.optim.Adam, {"lr": 1e-3}),
+    "adamw": (optim.adamw, torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 1e-2}),
+    "rmsprop": (optim.rmsprop, torch.optim.RMSprop, {"lr": 5e-5}),
+    "adagrad": (optim.adagrad, torch.optim.Adagrad, {"lr": 1e-2}),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------
+# Timing: the two sides alternate, one step each per round, so that a burst of load on a
+# shared machine hits both alike; the median of the rounds is reported.
+# ---------------------------------------------------------------------------------------
+
+
+def bench(name: str, device: torch.device, repeats: int, warmup: int = 5) -> dict:
+    make_functional, torch_cls, kwargs = OPTIMISERS[name]
+    params = resnet18_params(device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    grads = {k: torch.randn(v.shape, generator=gen, device=device) for k, v in params.items()}
+
+    opt = make_functional(**kwargs)
+    carry = [params, opt.init(params)]
+
+    def functional_step() -> None:
+        updates, carry[1] = opt.update(grads, carry[1], carry[0])
+        carry[0] = optim.apply_updates(carry[0], updates)
+
+    tensors = [torch.nn.Parameter(v.clone()) for v in params.values()]
+    for t, g in zip(tensors, grads.values(), strict=True):
+        t.grad = g
+    torch_opt = torch_cls(tensors, foreach=True, **kwargs)
+
+    times: dict[str, list[float]] = {"functional": [], "torch": []}
+    steps = {"functional": functional_step, "torch": torch_opt.step}
+    for i in range(warmup + repeats):
+        for side, step in steps.items():
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            if i >= warmup:
+                times[side].append(time.perf_counter() - start)
+    # The median is the typical step; the minimum is the least disturbed one, the better
+    # estimate of the intrinsic cost on a loaded machine.
+    functional_ms = 1e3 * statistics.median(times["functional"])
+    torch_ms = 1e3 * statistics.median(times["torch"])
+    functional_min = 1e3 * min(times["functional"])
+    torch_min = 1e3 * min(times["torch"])
+    return {
+        "optimizer": name,
+        "kwargs": dict(kwargs),
+        "functional_ms": functional_ms,
+        "torch_foreach_ms": torch_ms,
+        "ratio": functional_ms / torch_ms,
+        "functional_min_ms": functional_min,
+        "torch_foreach_min_ms": torch_min,
+        "ratio_of_minima": functional_min / torch_min,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--only", nargs="*", default=list(OPTIMISERS), choices=list(OPTIMISERS))
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    rows = [bench(name, device, args.repeats) for name in args.only]
+
+    # -----------------------------------------------------------------------------------
+    # Report: a table, and the same numbers as JSON.
+    # -----------------------------------------------------------------------------------
+    n_params = sum(v.numel() for v in resnet18_params(torch.device("cpu")).values())
+    print(
+        f"ResNet-18 parameter set: {n_params / 1e6:.1f}M floats, device {device}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats} alternating rounds"
+    )
+    header = ["optimizer", "functional ms", "torch foreach ms", "ratio", "ratio of minima"]
+    print(f"{header[0]:<10}{header[1]:>15}{header[2]:>18}{header[3]:>8}{header[4]:>17}")
+    for row in rows:
+        print(
+            f"{row['optimizer']:<10}{row['functional_ms']:>15.2f}{row['torch_foreach_ms']:>18.2f}"
+            f"{row['ratio']:>8.2f}{row['ratio_of_minima']:>17.2f}"
+        )
+    out = Path(__file__).parent / "results" / f"optimizer_update_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "repeats": args.repeats,
+        "num_params": n_params,
+    }
+    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""Data that needs no download: bundled digits, local MNIST IDX and CIFAR-10 files, batching."""
+
+from .batches import batches
+from .cifar import CIFAR10_FILES, cifar10_split, load_cifar10
+from .digits import load_digits
+from .mnist import MNIST_FILES, load_mnist_idx
+from .split import Split
+
+__all__ = [
+    "CIFAR10_FILES",
+    "MNIST_FILES",
+    "cifar10_split",
+    "load_cifar10", "Split", "batches", "load_digits", "load_mnist_idx"]

@@ -1,0 +1,224 @@
+"""Non-finite guard: a step whose loss or gradients hold NaN/inf changes nothing.
+
+One bad batch (a ``log(0)``, an exploding GAN critic) writes NaN into every weight and
+into the optimiser's moments, and the run is lost. Two pieces stop that:
+
+- :func:`apply_if_finite` wraps any optimiser (like ``optax.apply_if_finite``). When a
+  gradient leaf holds NaN/inf, the update is zero, the wrapped optimiser's state is
+  kept as it was, and the counters in :class:`FiniteGuardState` go up. It works with the
+  plain :func:`~functorch_diary.make_train_step`; there the model state (BatchNorm
+  statistics) of a bad step is still kept.
+- :func:`guard_train_step` wraps a whole training step built with such an optimiser: it
+  also checks the loss, and keeps params, model state *and* optimiser state of a bad
+  step unchanged. ``step`` still advances, so the next step draws a new batch and new
+  dropout masks instead of repeating the failure.
+
+In ``"skip"`` mode the choice is made with ``torch.where`` on tensors, never a Python
+``if`` on a tensor value, so a step with :func:`apply_if_finite` inside compiles to one
+graph with no host sync. In ``"raise"`` mode a bad step raises
+:class:`FloatingPointError` naming the first bad leaf paths; that reads the flag on the
+host, so use it eagerly (``compile=False``).
+
+Example:
+    >>> import torch
+    >>> from functorch_diary import guard, optim
+    >>> opt = guard.apply_if_finite(optim.sgd(lr=0.1))
+    >>> params = {"w": torch.ones(2)}
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update({"w": torch.tensor([1.0, float("nan")])}, state, params)
+    >>> updates["w"], int(state.skipped), int(state.consecutive)
+    (tensor([0., 0.]), 1, 1)
+    >>> updates, state = opt.update({"w": torch.ones(2)}, state, params)
+    >>> updates["w"], int(state.skipped), int(state.consecutive)
+    (tensor([-0.1000, -0.1000]), 1, 0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .optim.base import GradientTransformation
+from .train import TrainState
+from .tree import PyTree, tree_flatten_with_paths, tree_leaves, tree_map
+
+__all__ = [
+    "FiniteGuardState",
+    "all_finite",
+    "apply_if_finite",
+    "guard_train_step",
+    "nonfinite_paths",
+]
+
+OnNonFinite = Literal["skip", "raise"]
+
+
+class FiniteGuardState(NamedTuple):
+    """State of :func:`apply_if_finite`.
+
+    Attributes:
+        inner: the wrapped optimiser's state (unchanged by skipped steps).
+        skipped: how many steps were skipped in total (0-dim int64).
+        consecutive: how many steps were skipped since the last good one (0-dim int64);
+            a value that keeps growing means the run has diverged, not hit one bad batch.
+    """
+
+    inner: Any
+    skipped: Tensor
+    consecutive: Tensor
+
+
+def all_finite(tree: PyTree) -> Tensor:
+    """A 0-dim bool tensor: every floating/complex leaf of ``tree`` is free of NaN and inf.
+
+    Integer leaves are finite by nature and skipped; an empty tree is finite.
+    """
+    flags = [
+        torch.isfinite(leaf).all()
+        for leaf in tree_leaves(tree)
+        if isinstance(leaf, Tensor) and (leaf.is_floating_point() or leaf.is_complex())
+    ]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
+
+
+def nonfinite_paths(tree: PyTree) -> list[str]:
+    """The paths of the leaves holding NaN or inf (host sync: for messages, not for graphs)."""
+    return [
+        path
+        for path, leaf in tree_flatten_with_paths(tree)
+        if isinstance(leaf, Tensor)
+        and (leaf.is_floating_point() or leaf.is_complex())
+        and not bool(torch.isfinite(leaf).all())
+    ]
+
+
+def _select(ok: Tensor, new: PyTree, old: PyTree) -> PyTree:
+    return tree_map(lambda a, b: torch.where(ok, a, b) if isinstance(a, Tensor) else a, new, old)
+
+
+def _check_mode(on_nonfinite: str) -> None:
+    if on_nonfinite not in ("skip", "raise"):
+        raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
+
+
+def _raise_nonfinite(grads: PyTree, what: str) -> None:
+    bad = nonfinite_paths(grads)
+    shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+    raise FloatingPointError(
+        f"{what} holds NaN or inf (non-finite gradient leaves: {shown}); lower the learning "
+        "rate, clip gradients, or check the batch. Use on_nonfinite='skip' to skip such steps"
+    )
+
+
+def apply_if_finite(
+    inner: GradientTransformation, on_nonfinite: OnNonFinite = "skip"
+) -> GradientTransformation:
+    """Wrap ``inner`` so that gradients with NaN/inf produce no update.
+
+    Args:
+        inner: the optimiser to guard, e.g. ``optim.adam(1e-3)``.
+        on_nonfinite: ``"skip"`` (zero update, ``inner``'s state kept, counters + 1) or
+            ``"raise"`` (:class:`FloatingPointError` naming the bad leaves; eager only).
+
+    Returns:
+        A :class:`~functorch_diary.optim.GradientTransformation` whose state is a
+        :class:`FiniteGuardState`.
+    """
+    _check_mode(on_nonfinite)
+
+    def init(params: PyTree) -> FiniteGuardState:
+        leaves = tree_leaves(params)
+        device = leaves[0].device if leaves else None
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        return FiniteGuardState(inner.init(params), zero, zero.clone())
+
+    def update(grads: PyTree, state: FiniteGuardState, params: PyTree | None = None):
+        if not isinstance(state, FiniteGuardState):
+            raise TypeError(
+                f"apply_if_finite got a {type(state).__name__} state; initialise the TrainState "
+                "with the wrapped optimiser (init_train_state(model, apply_if_finite(opt)))"
+            )
+        ok = all_finite(grads)
+        if on_nonfinite == "raise" and not bool(ok):
+            _raise_nonfinite(grads, "the gradient")
+        # inner runs on every step (no Python branch): its outputs are discarded when not ok.
+        updates, inner_state = inner.update(grads, state.inner, params)
+        updates = tree_map(lambda u: torch.where(ok, u, torch.zeros_like(u)), updates)
+        bad = (~ok).to(torch.int64)
+        return updates, FiniteGuardState(
+            _select(ok, inner_state, state.inner),
+            state.skipped + bad,
+            (state.consecutive + 1) * bad,
+        )
+
+    return GradientTransformation(init, update)
+
+
+def guard_train_step(
+    step: Callable[[TrainState, Any], tuple[TrainState, dict[str, Tensor]]],
+    on_nonfinite: OnNonFinite = "skip",
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Tensor]]]:
+    """Guard a whole training step: a NaN/inf loss or gradient leaves params, model state
+    and optimiser state exactly as they were.
+
+    Args:
+        step: a step from :func:`~functorch_diary.make_train_step` (or the data-parallel
+            one), built with an :func:`apply_if_finite` optimiser, which handles the
+            gradients; this wrapper adds the loss and the model state (BatchNorm).
+        on_nonfinite: ``"skip"`` or ``"raise"`` (:class:`FloatingPointError`, eager only).
+
+    Returns:
+        ``guarded(ts, batch) -> (ts, metrics)`` with ``metrics["skipped"]`` (0-dim bool).
+        ``ts.step`` advances on every call; ``ts.opt_state.skipped`` counts the skips.
+        Compile options of ``step`` still apply: the selection here is a few
+        ``torch.where`` calls outside its graph.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from functorch_diary import Model, init_train_state, make_train_step, optim
+        >>> model = Model(lambda: nn.Linear(2, 1))
+        >>> opt = apply_if_finite(optim.adam(0.1))
+        >>> ts = init_train_state(model, opt, seed=0)
+        >>> step = guard_train_step(make_train_step(model, nn.functional.mse_loss, opt))
+        >>> new, metrics = step(ts, (torch.ones(4, 2), torch.full((4, 1), float("inf"))))
+        >>> bool(metrics["skipped"]), int(new.opt_state.skipped), int(new.step)
+        (True, 1, 1)
+        >>> torch.equal(new.params["weight"], ts.params["weight"])
+        True
+    """
+    _check_mode(on_nonfinite)
+
+    def guarded(ts: TrainState, batch: Any) -> tuple[TrainState, dict[str, Tensor]]:
+        old = ts.opt_state
+        if not isinstance(old, FiniteGuardState):
+            raise TypeError(
+                "guard_train_step needs a step and TrainState built with an apply_if_finite "
+                f"optimiser; the opt_state is a {type(old).__name__}"
+            )
+        new, metrics = step(ts, batch)
+        grads_ok = new.opt_state.skipped == old.skipped
+        ok = grads_ok & torch.isfinite(metrics["loss"]).all()
+        if on_nonfinite == "raise" and not bool(ok):
+            raise FloatingPointError(
+                f"the loss is {float(metrics['loss'])}; lower the learning rate, clip gradients "
+                "or check the batch. Use on_nonfinite='skip' to skip such steps"
+            )
+        bad = (~ok).to(torch.int64)
+        opt_state = FiniteGuardState(
+            _select(ok, new.opt_state.inner, old.inner),
+            old.skipped + bad,
+            (old.consecutive + 1) * bad,
+        )
+        # _select restores the old tensors bit for bit (params + 0 would turn -0.0 into 0.0).
+        params = _select(ok, new.params, ts.params)
+        state = _select(ok, new.state, ts.state)
+        return new._replace(params=params, state=state, opt_state=opt_state), {
+            **metrics,
+            "skipped": ~ok,
+        }
+
+    return guarded

@@ -1,0 +1,62 @@
+"""Wrong params, state or inputs fail before any computation, naming the key and both values."""
+
+import pytest
+import torch
+
+from functorch_diary import TreeMismatchError, models
+from functorch_diary.testing import assert_trees_close
+from functorch_diary.tree import tree_clone
+
+MODEL = models.lenet()
+PARAMS, STATE = MODEL.init(seed=0)
+X = torch.randn(2, 1, 28, 28)
+
+
+def _apply_expecting_error(params, state=STATE, x=X) -> str:
+    before = tree_clone((params, state, x))
+    with pytest.raises(TreeMismatchError) as info:
+        MODEL.apply(params, state, x)
+    assert_trees_close((params, state, x), before)  # nothing touched
+    return str(info.value)
+
+
+def test_missing_key_names_it_and_its_shape():
+    params = {k: v for k, v in PARAMS.items() if k != "fc.4.weight"}
+    message = _apply_expecting_error(params)
+    assert "'fc.4.weight'" in message and "(10, 84)" in message and "float32" in message
+
+
+def test_extra_key_names_it_and_suggests_the_right_one():
+    params = dict(PARAMS, **{"fc.4.wieght": PARAMS["fc.4.weight"]})
+    message = _apply_expecting_error(params)
+    assert "'fc.4.wieght'" in message and "'fc.4.weight'" in message
+
+
+def test_wrong_shape_names_both_shapes():
+    params = dict(PARAMS, **{"conv.0.weight": torch.zeros(6, 3, 5, 5)})
+    message = _apply_expecting_error(params)
+    assert "'conv.0.weight'" in message and "(6, 1, 5, 5)" in message and "(6, 3, 5, 5)" in message
+
+
+def test_wrong_dtype_names_both_dtypes():
+    params = dict(PARAMS, **{"fc.0.bias": PARAMS["fc.0.bias"].double()})
+    message = _apply_expecting_error(params)
+    assert "'fc.0.bias'" in message and "torch.float32" in message and "torch.float64" in message
+
+
+def test_leaf_on_another_device_names_both_devices():
+    # 'meta' is a real second device on every machine, so this runs without a GPU.
+    params = dict(PARAMS, **{"fc.2.weight": PARAMS["fc.2.weight"].to("meta")})
+    message = _apply_expecting_error(params)
+    assert "'fc.2.weight'" in message and "cpu" in message and "meta" in message
+
+
+def test_input_dtype_and_device_are_checked():
+    assert "input 0" in _apply_expecting_error(PARAMS, x=X.double())
+    assert "meta" in _apply_expecting_error(PARAMS, x=X.to("meta"))
+
+
+def test_non_tensor_leaf_and_non_dict_params():
+    assert "expected a tensor" in _apply_expecting_error(dict(PARAMS, **{"fc.0.bias": [0.0]}))
+    with pytest.raises(TreeMismatchError, match="must be a dict"):
+        MODEL.apply(list(PARAMS.values()), STATE, X)

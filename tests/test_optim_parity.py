@@ -1,0 +1,219 @@
+"""Every named optimiser and option against its ``torch.optim`` twin, step for step.
+
+The imperative side sets ``.grad`` and calls ``step()``; the functional side calls
+``update`` and ``apply_updates``. Both see the same gradient sequence; params (and the
+optimiser's buffers where torch exposes them) must agree to 1e-10 in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import grad
+
+from functorch_diary import Model, optim
+from functorch_diary.testing import assert_trees_close
+from functorch_diary.tree import tree_clone
+
+F64 = {"rtol": 1e-10, "atol": 1e-10}
+STEPS = 20
+
+
+def _params(dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"conv.weight": (4, 3, 3, 3), "conv.bias": (4,), "fc.weight": (5, 7), "scale": ()}
+    return {k: torch.randn(s, generator=gen, dtype=dtype) for k, s in shapes.items()}
+
+
+def _grad_sequence(params: dict, steps: int = STEPS, seed: int = 1) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    # A shared component makes consecutive gradients correlated, so momentum matters.
+    base = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in params.items()}
+    return [
+        {
+            k: base[k] + 0.5 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+            for k, v in params.items()
+        }
+        for _ in range(steps)
+    ]
+
+
+def run_torch(make, params, grads_seq, schedule_make=None):
+    """Train copies of ``params`` with ``make(tensors)``; return params, optimiser, tensors."""
+    tensors = [nn.Parameter(v.clone()) for v in params.values()]
+    opt = make(tensors)
+    scheduler = schedule_make(opt) if schedule_make else None
+    for grads in grads_seq:
+        for t, g in zip(tensors, grads.values(), strict=True):
+            t.grad = g.clone()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+    return {k: t.detach() for k, t in zip(params, tensors, strict=True)}, opt, tensors
+
+
+def run_functional(opt, params, grads_seq):
+    state = opt.init(params)
+    for grads in grads_seq:
+        updates, state = opt.update(grads, state, params)
+        params = optim.apply_updates(params, updates)
+    return params, state
+
+
+CASES = [
+    ("sgd", {"lr": 0.1}),
+    ("sgd", {"lr": 0.1, "momentum": 0.9}),
+    ("sgd", {"lr": 0.1, "momentum": 0.9, "dampening": 0.3}),
+    ("sgd", {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 1e-2}),
+    ("sgd", {"lr": 0.1, "weight_decay": 1e-2}),
+    ("sgd", {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2, "maximize": True}),
+    ("adam", {"lr": 1e-2}),
+    ("adam", {"lr": 1e-2, "weight_decay": 1e-1}),
+    ("adam", {"lr": 1e-2, "amsgrad": True}),
+    ("adam", {"lr": 1e-2, "betas": (0.5, 0.9), "eps": 1e-3, "maximize": True}),
+    ("adam", {"lr": 1e-2, "weight_decay": 1e-1, "amsgrad": True, "maximize": True}),
+    ("adamw", {"lr": 1e-2}),
+    ("adamw", {"lr": 1e-2, "weight_decay": 0.3, "amsgrad": True}),
+    ("adamw", {"lr": 1e-2, "betas": (0.8, 0.95), "maximize": True}),
+    ("rmsprop", {"lr": 1e-2}),
+    ("rmsprop", {"lr": 5e-3, "alpha": 0.9, "eps": 1e-4}),
+    ("rmsprop", {"lr": 1e-2, "centered": True}),
+    ("rmsprop", {"lr": 1e-2, "momentum": 0.9}),
+    ("rmsprop", {"lr": 1e-2, "momentum": 0.5, "centered": True, "weight_decay": 1e-2}),
+    ("rmsprop", {"lr": 1e-2, "maximize": True, "weight_decay": 1e-2}),
+    ("adagrad", {"lr": 1e-1}),
+    ("adagrad", {"lr": 1e-1, "lr_decay": 0.05}),
+    ("adagrad", {"lr": 1e-1, "weight_decay": 1e-2, "initial_accumulator_value": 0.1}),
+    ("adagrad", {"lr": 1e-1, "eps": 1e-3, "maximize": True}),
+]
+
+TORCH = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+}
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=[f"{n}-{k}" for n, k in CASES])
+def test_params_match_torch_optim_float64(name, kwargs):
+    params = _params()
+    seq = _grad_sequence(params)
+    expected, _, _ = run_torch(lambda ts: TORCH[name](ts, **kwargs), params, seq)
+    actual, _ = run_functional(getattr(optim, name)(**kwargs), params, seq)
+    assert_trees_close(actual, expected, **F64)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop", "adagrad"])
+def test_float32_matches_both_torch_code_paths(name, foreach):
+    kwargs = dict(next(k for n, k in CASES if n == name))
+    params = _params(torch.float32)
+    seq = _grad_sequence(params)
+    expected, _, _ = run_torch(lambda ts: TORCH[name](ts, foreach=foreach, **kwargs), params, seq)
+    actual, _ = run_functional(getattr(optim, name)(**kwargs), params, seq)
+    assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"momentum": 0.9}, {"momentum": 0.9, "centered": True}, {"centered": True}],
+)
+def test_rmsprop_buffers_match_torch_state(kwargs):
+    params = _params()
+    seq = _grad_sequence(params)
+    _, torch_opt, tensors = run_torch(
+        lambda ts: torch.optim.RMSprop(ts, lr=1e-2, **kwargs), params, seq
+    )
+    _, state = run_functional(optim.rmsprop(lr=1e-2, **kwargs), params, seq)
+    rms_state = state[1]
+    torch_state = [torch_opt.state[t] for t in tensors]
+    keys = list(params)
+    assert_trees_close(
+        rms_state.square_avg,
+        {k: s["square_avg"] for k, s in zip(keys, torch_state, strict=True)},
+        **F64,
+    )
+    if kwargs.get("centered"):
+        expected = {k: s["grad_avg"] for k, s in zip(keys, torch_state, strict=True)}
+        assert_trees_close(rms_state.grad_avg, expected, **F64)
+    if kwargs.get("momentum"):
+        expected = {k: s["momentum_buffer"] for k, s in zip(keys, torch_state, strict=True)}
+        assert_trees_close(state[2].trace, expected, **F64)
+
+
+def test_adam_moments_match_torch_state_with_amsgrad():
+    params = _params()
+    seq = _grad_sequence(params)
+    _, torch_opt, tensors = run_torch(
+        lambda ts: torch.optim.Adam(ts, lr=1e-2, amsgrad=True), params, seq
+    )
+    _, state = run_functional(optim.adam(lr=1e-2, amsgrad=True), params, seq)
+    adam_state = state[1]
+    keys = list(params)
+    for field, torch_key in [("mu", "exp_avg"), ("nu", "exp_avg_sq"), ("nu_max", "max_exp_avg_sq")]:
+        expected = {k: torch_opt.state[t][torch_key] for k, t in zip(keys, tensors, strict=True)}
+        assert_trees_close(getattr(adam_state, field), expected, **F64)
+    assert int(adam_state.count) == STEPS
+
+
+def test_real_model_rmsprop_wgan_critic_steps_match_torch():
+    """WGAN's critic: RMSprop(lr=5e-5) on a small conv net, gradients from a real loss."""
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(4 * 6 * 6, 1)
+    ).double()
+    model, params, _ = Model.from_module(module)
+    xs = [torch.randn(8, 1, 8, 8, dtype=torch.float64) for _ in range(10)]
+    torch_opt = torch.optim.RMSprop(module.parameters(), lr=5e-5)
+    for x in xs:
+        torch_opt.zero_grad()
+        (-module(x).mean()).backward()
+        torch_opt.step()
+
+    def loss(p, x):
+        return -model.apply(p, {}, x)[0].mean()
+
+    opt = optim.rmsprop(lr=5e-5)
+    state = opt.init(params)
+    for x in xs:
+        updates, state = opt.update(grad(loss)(params, x), state, params)
+        params = optim.apply_updates(params, updates)
+    assert_trees_close(params, dict(module.named_parameters()), **F64)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop", "adagrad"])
+def test_update_is_pure(name):
+    kwargs = dict(next(k for n, k in CASES if n == name and len(k) > 1))
+    opt = getattr(optim, name)(**kwargs)
+    params = _params()
+    grads = _grad_sequence(params, steps=1)[0]
+    state = opt.init(params)
+    _, state = opt.update(grads, state, params)  # a non-initial state, buffers non-zero
+    before = tree_clone((params, grads, state))
+    opt.update(grads, state, params)
+    assert_trees_close((params, grads, state), before)
+
+
+def test_nesterov_without_momentum_is_an_error():
+    with pytest.raises(ValueError, match="Nesterov"):
+        optim.sgd(0.1, nesterov=True)
+
+
+def test_sgd_and_adam_keep_their_positional_signatures():
+    params = _params()
+    seq = _grad_sequence(params, steps=3)
+    expected, _, _ = run_torch(
+        lambda ts: torch.optim.SGD(ts, 0.1, 0.9, 0.1, weight_decay=1e-3), params, seq
+    )
+    assert_trees_close(
+        run_functional(optim.sgd(0.1, 0.9, 0.1, False, 1e-3), params, seq)[0], expected, **F64
+    )
+    expected, _, _ = run_torch(
+        lambda ts: torch.optim.Adam(ts, 1e-2, (0.8, 0.9), 1e-6, 1e-2), params, seq
+    )
+    assert_trees_close(
+        run_functional(optim.adam(1e-2, (0.8, 0.9), 1e-6, 1e-2), params, seq)[0], expected, **F64
+    )
