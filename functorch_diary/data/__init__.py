@@ -9,5 +9,10 @@ from .split import Split
 __all__ = [
     "CIFAR10_FILES",
     "MNIST_FILES",
+    "Split",
+    "batches",
     "cifar10_split",
-    "load_cifar10", "Split", "batches", "load_digits", "load_mnist_idx"]
+    "load_cifar10",
+    "load_digits",
+    "load_mnist_idx",
+]

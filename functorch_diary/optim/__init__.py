@@ -51,6 +51,7 @@ from .transforms import (
     scale_by_rss,
     scale_by_schedule,
     trace,
+    track_learning_rate,
 )
 
 __all__ = [
@@ -98,4 +99,5 @@ __all__ = [
     "sgd",
     "step_lr",
     "trace",
+    "track_learning_rate",
 ]

@@ -27,6 +27,7 @@ from .transforms import (
     scale_by_rss,
     scale_by_schedule,
     trace,
+    track_learning_rate,
 )
 
 __all__ = ["adagrad", "adam", "adamw", "rmsprop", "sgd"]
@@ -101,8 +102,8 @@ def adam(
     return chain(
         *_maybe_negate(maximize),
         add_decayed_weights(weight_decay),
-        scale_by_adam(*betas, eps, amsgrad=amsgrad),
-        scale_by_learning_rate(lr, fresh_updates=True),
+        scale_by_adam(*betas, eps, amsgrad=amsgrad, learning_rate=lr),
+        track_learning_rate(lr),
     )
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "scale_by_rss",
     "scale_by_schedule",
     "trace",
+    "track_learning_rate",
 ]
 
 #: A learning-rate schedule: ``step (int64 tensor) -> lr (float64 tensor)``.
@@ -200,7 +201,12 @@ class ScaleByAdamState(NamedTuple):
 
 
 def scale_by_adam(
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, amsgrad: bool = False
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    amsgrad: bool = False,
+    *,
+    learning_rate: ScalarOrSchedule | None = None,
 ) -> GradientTransformation:
     """Adam's direction as ``torch.optim.Adam`` computes it, before the learning rate.
 
@@ -213,6 +219,11 @@ def scale_by_adam(
         b1, b2: the moment decay rates (torch's ``betas``).
         eps: added to the denominator.
         amsgrad: use the AMSGrad variant.
+        learning_rate: when given, the stage emits the whole update
+            ``(-lr / bc1 * m) / denom`` in torch's order of rounding (``addcdiv``), so the
+            trajectory is bit-for-bit ``torch.optim.Adam``'s, not just close: float32
+            training through max-pool ties or saturated units otherwise amplifies a last-bit
+            difference. Pair it with :func:`track_learning_rate` to keep the lr readable.
 
     Returns:
         A transformation whose state is a :class:`ScaleByAdamState`.
@@ -251,9 +262,16 @@ def scale_by_adam(
         bc2_sqrt = torch.sqrt(1.0 - b2**step).to(grads[0].dtype)
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, eps)
-        # torch divides the denominator by step_size = lr / bc1; the lr comes later here.
-        torch._foreach_mul_(denom, bc1)
-        direction = torch._foreach_div(mu, denom)
+        if learning_rate is None:
+            # torch divides by step_size = lr / bc1; the lr comes in a later stage here.
+            torch._foreach_mul_(denom, bc1)
+            direction = torch._foreach_div(mu, denom)
+        else:
+            # torch's addcdiv: (step_size * m) / denom with step_size = -(lr / bc1) in float64.
+            lr = _lr_at(learning_rate, state.count)
+            step_size = ((lr / (1.0 - b1**step)) * -1.0).to(grads[0].dtype)
+            direction = torch._foreach_mul(mu, step_size)
+            torch._foreach_div_(direction, denom)
         return _like(spec, direction), ScaleByAdamState(
             count, _like(spec, mu), _like(spec, nu), _like(spec, nu_max) if amsgrad else None
         )
@@ -416,6 +434,34 @@ def _lr_at(learning_rate: ScalarOrSchedule, count: Tensor) -> Tensor:
     if callable(learning_rate):
         return torch.as_tensor(learning_rate(count), device=count.device).to(torch.float64)
     return torch.as_tensor(learning_rate, dtype=torch.float64, device=count.device)
+
+
+def track_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransformation:
+    """Keep the learning rate in the state (for :func:`current_lr`) and pass updates through.
+
+    For optimisers whose lr is folded into an earlier stage (``scale_by_adam(...,
+    learning_rate=lr)``); the state is a :class:`ScaleByLearningRateState` like
+    :func:`scale_by_learning_rate`'s, so checkpoints and ``current_lr`` see no difference.
+
+    Example:
+        >>> import torch
+        >>> t = track_learning_rate(0.1)
+        >>> p = {"w": torch.ones(1)}
+        >>> u, s = t.update(p, t.init(p))
+        >>> u["w"], float(current_lr(s))
+        (tensor([1.]), 0.1)
+    """
+
+    def init(params: PyTree) -> ScaleByLearningRateState:
+        count = _zero_count(params)
+        return ScaleByLearningRateState(count, _lr_at(learning_rate, count))
+
+    def update(updates: PyTree, state: ScaleByLearningRateState, params: PyTree | None = None):
+        count = state.count + 1
+        next_lr = _lr_at(learning_rate, count) if callable(learning_rate) else state.lr
+        return updates, ScaleByLearningRateState(count, next_lr)
+
+    return GradientTransformation(init, update)
 
 
 def scale_by_learning_rate(
