@@ -52,8 +52,8 @@ from . import prng
 from .functional import Model
 from .optim.base import GradientTransformation, apply_updates
 from .projections import Projection
-from .train import TrainState, init_train_state
-from .tree import Params, tree_leaves
+from .train import TrainState, _with_compile_policy, init_train_state
+from .tree import Params
 
 __all__ = [
     "GANState",
@@ -199,28 +199,6 @@ def init_gan_state(
     return GANState(g, d)
 
 
-def _compile_policy(fn: Callable, compile: bool | None, mode: str | None) -> Callable:
-    """``fn``, ``torch.compile`` d (one graph, ``fullgraph=True``) on first use when asked;
-    ``compile=None`` compiles when the generator's params are on CUDA."""
-    compiled: list[Callable] = []
-
-    def run(gs: GANState, *args: Tensor | None):
-        use = (
-            any(leaf.is_cuda for leaf in tree_leaves(gs.generator.params))
-            if compile is None
-            else compile
-        )
-        if not use:
-            return fn(gs, *args)
-        if not compiled:
-            compiled.append(torch.compile(fn, mode=mode, fullgraph=True))
-        return compiled[0](gs, *args)
-
-    run.__doc__ = fn.__doc__
-    run.__wrapped__ = fn  # the eager function
-    return run
-
-
 def _update(ts: TrainState, grads: Params, optimizer: GradientTransformation) -> TrainState:
     updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
     return ts._replace(
@@ -296,7 +274,7 @@ def make_critic_step(
             d = d._replace(params=projection(d.params))
         return GANState(g._replace(state=g_state), d), {"critic_loss": loss, **metrics}
 
-    return _compile_policy(step, compile, compile_mode)
+    return _with_compile_policy(step, compile, compile_mode)
 
 
 def make_generator_step(
@@ -341,7 +319,7 @@ def make_generator_step(
         g = _update(g._replace(state=g_state), grads, optimizer)
         return GANState(g, d._replace(state=d_state)), {"generator_loss": loss}
 
-    return _compile_policy(step, compile, compile_mode)
+    return _with_compile_policy(step, compile, compile_mode)
 
 
 def make_gan_step(
@@ -384,4 +362,4 @@ def make_gan_step(
         gs, g_metrics = generator_step(gs, zs[n_critic])
         return gs, {**metrics, **g_metrics}
 
-    return _compile_policy(step, compile, compile_mode)
+    return _with_compile_policy(step, compile, compile_mode)

@@ -234,6 +234,53 @@ def test_schedule_and_clipping_compile_once_and_match_torch():
     _check_traced_once(model, opt, batches, {k: v.detach() for k, v in want.items()})
 
 
+# --- the eager step's gradient path ------------------------------------------------------
+
+
+def test_eager_step_gradients_are_grad_and_value_s_bit_for_bit():
+    # Eagerly the step takes plain autograd (faster than torch.func's create_graph=True).
+    model, batches = _mlp_case()
+    opt = optim.sgd(0.1, momentum=0.9)
+    ts = fd.init_train_state(model, opt)
+    inputs, targets = batches[0]
+
+    def loss_fn(params):
+        return F.cross_entropy(model.apply(params, ts.state, inputs, train=True)[0], targets)
+
+    grads, loss = torch.func.grad_and_value(loss_fn)(ts.params)
+    updates, opt_state = opt.update(grads, ts.opt_state, ts.params)
+    new_ts, metrics = fd.make_train_step(model, F.cross_entropy, opt)(ts, (inputs, targets))
+    assert_trees_close(new_ts.params, optim.apply_updates(ts.params, updates))
+    assert_trees_close((new_ts.opt_state, metrics["loss"]), (opt_state, loss))
+    assert not any(leaf.requires_grad for leaf in fd.tree.tree_leaves(new_ts))
+
+
+def test_step_is_differentiable_inside_torch_func_grad():
+    # Inside a torch.func transform (here: the gradient through one SGD step, as MAML takes
+    # it) the step keeps grad_and_value, since autograd on detached copies would cut it.
+    model, batches = _mlp_case()
+    (x, y), (x2, y2) = batches[:2]
+    lr, opt = 0.5, optim.sgd(0.5)
+    step = fd.make_train_step(model, F.cross_entropy, opt)
+    params, state = model.init(seed=0)
+
+    def loss_at(p, inputs, targets):
+        return F.cross_entropy(model.apply(p, state, inputs)[0], targets)
+
+    def after_step(p):
+        ts = fd.TrainState(p, state, opt.init(p), torch.zeros((), dtype=torch.int64), prng_key)
+        return loss_at(step(ts, (x, y))[0].params, x2, y2)
+
+    def by_hand(p):
+        g = torch.func.grad(loss_at)(p, x, y)
+        return loss_at({k: p[k] - lr * g[k] for k in p}, x2, y2)
+
+    prng_key = fd.prng.key(0)
+    got = torch.func.grad(after_step)(params)
+    assert_trees_close(got, torch.func.grad(by_hand)(params), rtol=1e-5, atol=1e-7)
+    assert any(bool(g.abs().max() > 0) for g in got.values())
+
+
 # --- the policy: when to compile, how often, with which options --------------------------
 
 

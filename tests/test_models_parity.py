@@ -5,11 +5,9 @@ the functional model must give the same initial params, the same outputs in trai
 eval mode, the same gradients of a loss, and the same updated BatchNorm buffers, in
 float64 to 1e-10. The inputs are small (8-64 pixels) so the whole file runs in seconds.
 
-ResNet-34/50 and DenseNet-121 are torchvision's modules built by torchvision's
-factories: their blocks run here in ResNet-18, the Bottleneck DeepLab and DenseNet-BC,
-their layouts are compared with torchvision's below, and their logits on torchvision's
-own state_dicts are checked in ``test_models_torchvision.py``. Running them here too
-would triple this file's time for no new code path.
+ResNet-34/50 and DenseNet-121 run at full size on 32x32 inputs (the smallest their
+strides allow); their layouts are also compared with torchvision's below, and their
+logits on torchvision's own state_dicts are checked in ``test_models_torchvision.py``.
 """
 
 from __future__ import annotations
@@ -99,6 +97,13 @@ CASES = {
         partial(zoo.resnet_module, 18, 7, False),
         image(2, 32),
     ),
+    "resnet34-cifar": (zoo.resnet34(10), partial(zoo.resnet_module, 34, 10, True), image(2, 8)),
+    "resnet50-imagenet": (
+        zoo.resnet50(10, cifar_stem=False),
+        partial(zoo.resnet_module, 50, 10, False),
+        image(2, 32),
+    ),
+    "densenet121": (zoo.densenet121(10), partial(zoo.densenet121_module, 10), image(2, 32)),
     "vgg16": (
         zoo.vgg16(10, pool_size=1, hidden=16, dropout=0.0, width_divisor=16),
         partial(zoo.vgg_module, 16, 10, pool_size=1, hidden=16, dropout=0.0, width_divisor=16),
