@@ -142,6 +142,22 @@ CASES = {
         image(2, 64),
     ),
     "darknet-tiny": (zoo.darknet_from_cfg(TINY_CFG), partial(zoo.Darknet, TINY_CFG), image(2, 32)),
+    "dcgan-g-28": (
+        zoo.dcgan_generator(8, 1, 16, 28), partial(zoo.DCGANGenerator, 8, 1, 16, 28),
+        torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5)),
+    ),
+    "dcgan-g-32": (
+        zoo.dcgan_generator(8, 3, 16, 32), partial(zoo.DCGANGenerator, 8, 3, 16, 32),
+        torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6)),
+    ),
+    "dcgan-d-28": (
+        zoo.dcgan_discriminator(1, 16, 28), partial(zoo.DCGANDiscriminator, 1, 16, 28),
+        image(3, 28, channels=1),
+    ),
+    "dcgan-d-32": (
+        zoo.dcgan_discriminator(3, 16, 32), partial(zoo.DCGANDiscriminator, 3, 16, 32),
+        image(3, 32),
+    ),
     "lenet": (zoo.lenet(10), zoo.LeNet, image(2, 28, channels=1)),
     "mlp": (zoo.mlp(12, (8,), 3), partial(zoo.MLP, 12, (8,), 3), image(3, 2)),
 }  # fmt: skip

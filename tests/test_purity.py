@@ -41,8 +41,15 @@ def _named_optimizers():
     """Every named optimiser the package exports, with options that exercise its state."""
     return {
         "sgd": optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
-        "adam": optim.adam(0.1, weight_decay=0.1),
+        "adam": optim.adam(0.1, weight_decay=0.1, amsgrad=True),
+        "adamw": optim.adamw(0.1, amsgrad=True),
+        "rmsprop": optim.rmsprop(0.1, momentum=0.9, centered=True, weight_decay=0.1),
+        "adagrad": optim.adagrad(0.1, lr_decay=0.01, weight_decay=0.1),
     }
+
+
+def test_every_named_optimizer_is_checked():
+    assert set(_named_optimizers()) == set(optim.optimizers.__all__)
 
 
 @pytest.mark.parametrize("name", list(_named_optimizers()))
