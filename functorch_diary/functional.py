@@ -22,9 +22,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -79,6 +80,19 @@ def _seed_from(seed: int | torch.Generator) -> int:
     if isinstance(seed, torch.Generator):
         return int(torch.randint(0, 2**62, (), generator=seed))
     return int(seed)
+
+
+@contextlib.contextmanager
+def seeded_cpu(seed: int | torch.Generator) -> Iterator[None]:
+    """Build on the CPU under ``torch.manual_seed(seed)``; the global RNG is restored after.
+
+    Every ``init`` builds its module inside this, so a seed gives torch's own initial
+    weights, the same on every device, without disturbing the caller's random stream.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seed_from(seed))
+        with torch.device("cpu"):
+            yield
 
 
 class Model:
@@ -175,10 +189,8 @@ class Model:
             device: where the tensors go (default: the CPU).
             dtype: a floating dtype for floating leaves (``num_batches_tracked`` stays int64).
         """
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed_from(seed))
-            with torch.device("cpu"):
-                module = self._factory()
+        with seeded_cpu(seed):
+            module = self._factory()
         params, state = extract(_keyed_dropout(module).to(device=device, dtype=dtype))
         for name in self._dropout_keys:
             del state[name]

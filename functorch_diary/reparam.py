@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
 from .checks import LeafSpec, check_leaves
-from .functional import Model, State, _seed_from
+from .functional import Model, State, seeded_cpu
 from .tree import Params, Selector, select
 
 __all__ = [
@@ -401,10 +401,8 @@ class Reparametrized(Model):
         module, registering torch's parametrization on each selected weight (in
         ``named_parameters`` order) and ``.to(device, dtype)``; computed without torch's
         parametrizations."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed_from(seed))
-            with torch.device("cpu"), torch.no_grad():
-                _, params, state = self._materialize()
+        with seeded_cpu(seed), torch.no_grad():
+            _, params, state = self._materialize()
 
         def move(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
