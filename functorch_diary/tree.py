@@ -53,7 +53,6 @@ __all__ = [
     "tree_scale",
     "tree_sub",
     "tree_unflatten_like",
-    "tree_where",
     "tree_zeros_like",
 ]
 
@@ -134,11 +133,6 @@ def tree_global_norm(tree: PyTree) -> Tensor:
     if not leaves:
         return torch.tensor(0.0)
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(leaves)))
-
-
-def tree_where(mask: PyTree, on_true: PyTree, on_false: PyTree) -> PyTree:
-    """Pick ``on_true``'s leaf where ``mask`` is True and ``on_false``'s elsewhere."""
-    return tree_map(lambda keep, a, b: a if keep else b, mask, on_true, on_false)
 
 
 def _is_pattern_spec(spec: Any) -> bool:

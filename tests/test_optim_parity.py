@@ -184,7 +184,7 @@ def test_real_model_rmsprop_wgan_critic_steps_match_torch():
     assert_trees_close(params, dict(module.named_parameters()), **F64)
 
 
-@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop", "adagrad"])
+@pytest.mark.parametrize("name", optim.optimizers.__all__)  # every named optimiser
 def test_update_is_pure(name):
     kwargs = dict(next(k for n, k in CASES if n == name and len(k) > 1))
     opt = getattr(optim, name)(**kwargs)

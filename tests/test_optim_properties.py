@@ -8,6 +8,7 @@ import math
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_optim_parity import TORCH
 from torch import nn
 from torch.optim import lr_scheduler as sched
 
@@ -50,14 +51,6 @@ def optimisers(draw):
         kw["eps"] = draw(epsilons)
     return name, kw
 
-
-TORCH = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "rmsprop": torch.optim.RMSprop,
-    "adagrad": torch.optim.Adagrad,
-}
 
 
 def _tree(leaf_shapes, seed: int) -> dict[str, torch.Tensor]:
