@@ -580,11 +580,17 @@ def _stages(opt_state: Any) -> tuple[Any, ...]:
     return stages
 
 
+def _count_of(stage: Any) -> Tensor | None:
+    # Not getattr: every NamedTuple has a .count method. RMS and RSS states count only
+    # when they hold the learning rate.
+    return stage.count if "count" in stage._fields else None
+
+
 def _steps_taken(stages: Sequence[Any]) -> int:
     for stage in stages:
         if type(stage).__name__ == "ScaleByLearningRateState":
             return int(stage.count)
-    counts = [int(stage.count) for stage in stages if "count" in stage._fields]
+    counts = [int(_count_of(stage)) for stage in stages if _count_of(stage) is not None]
     return max(counts, default=0)
 
 
@@ -722,7 +728,7 @@ def import_optimizer_state(
             key = _TORCH_KEYS.get((kind, field))
             if key is not None and value is not None and buffers[key] is not None:
                 changes[field] = buffers[key]
-        if "count" in stage._fields:
+        if _count_of(stage) is not None:
             count = step
             if kind == "TraceState":
                 # TraceState only asks whether count > 0, i.e. whether its buffer exists.

@@ -44,7 +44,7 @@ from torch.func import grad_and_value
 
 from . import checkpoint, models, optim, prng
 from .functional import Model
-from .optim.base import GradientTransformation, apply_updates
+from .optim.base import GradientTransformation, apply_gradients
 from .train import Batch, LossFn, TrainState, init_train_state
 from .tree import PyTree, tree_leaves, tree_map, tree_unflatten_like
 
@@ -245,8 +245,7 @@ def make_data_parallel_train_step(
         grads, loss, floating = all_reduce_mean(
             (grads, loss.detach(), floating), group, what="all-reduce of the gradients"
         )
-        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
-        params = apply_updates(ts.params, updates)
+        params, opt_state = apply_gradients(optimizer, grads, ts.opt_state, ts.params)
         state = {k: floating.get(k, v) for k, v in new_state.items()}
         return TrainState(params, state, opt_state, ts.step + 1, ts.rng), {"loss": loss}
 

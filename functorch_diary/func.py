@@ -37,7 +37,7 @@ from torch.func import jvp as _torch_jvp
 
 from . import prng
 from .functional import Model, State
-from .optim.base import GradientTransformation, apply_updates
+from .optim.base import GradientTransformation, apply_gradients
 from .train import LossFn, TrainState, init_train_state
 from .tree import Params, PyTree, Selector, select, tree_flatten_with_paths, tree_leaves, tree_map
 from .tree import tree_unflatten_like as _unflatten_like
@@ -236,8 +236,7 @@ def make_ensemble_train_step(
         inputs, targets = batch
         keys = prng.fold_in(ts.rng, ts.step)
         grads, (loss, new_state) = grads_of(ts.params, ts.state, inputs, targets, keys)
-        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
-        params = apply_updates(ts.params, updates)
+        params, opt_state = apply_gradients(optimizer, grads, ts.opt_state, ts.params)
         return TrainState(params, new_state, opt_state, ts.step + 1, ts.rng), {"loss": loss}
 
     return step

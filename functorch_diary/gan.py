@@ -50,7 +50,7 @@ from torch.func import grad, grad_and_value, vmap
 
 from . import prng
 from .functional import Model
-from .optim.base import GradientTransformation, apply_updates
+from .optim.base import GradientTransformation, apply_gradients
 from .projections import Projection
 from .train import TrainState, _with_compile_policy, init_train_state
 from .tree import Params
@@ -200,10 +200,8 @@ def init_gan_state(
 
 
 def _update(ts: TrainState, grads: Params, optimizer: GradientTransformation) -> TrainState:
-    updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
-    return ts._replace(
-        params=apply_updates(ts.params, updates), opt_state=opt_state, step=ts.step + 1
-    )
+    params, opt_state = apply_gradients(optimizer, grads, ts.opt_state, ts.params)
+    return ts._replace(params=params, opt_state=opt_state, step=ts.step + 1)
 
 
 def make_critic_step(

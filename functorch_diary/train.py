@@ -41,7 +41,7 @@ from torch.func import grad_and_value
 
 from . import prng
 from .functional import Model, State
-from .optim.base import GradientTransformation, apply_updates
+from .optim.base import GradientTransformation, apply_gradients
 from .tree import Params, PyTree, tree_leaves, tree_map, tree_unflatten_like
 
 __all__ = [
@@ -296,10 +296,8 @@ def make_train_step(
             key,
             autocast=autocast_dtype is not None,
         )
-        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
-        new_ts = TrainState(
-            apply_updates(ts.params, updates), new_state, opt_state, ts.step + 1, ts.rng
-        )
+        params, opt_state = apply_gradients(optimizer, grads, ts.opt_state, ts.params)
+        new_ts = TrainState(params, new_state, opt_state, ts.step + 1, ts.rng)
         if channels_last:
             # Pin the layout of what comes out, so the next call sees the strides this
             # graph was specialised to (a gradient may come back in NCHW order).

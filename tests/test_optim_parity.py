@@ -1,8 +1,10 @@
 """Every named optimiser and option against its ``torch.optim`` twin, step for step.
 
 The imperative side sets ``.grad`` and calls ``step()``; the functional side calls
-``update`` and ``apply_updates``. Both see the same gradient sequence; params (and the
-optimiser's buffers where torch exposes them) must agree to 1e-10 in float64.
+``update`` and ``apply_updates``, or the fused ``apply_gradients``. Both see the same
+gradient sequence; params (and the optimiser's buffers where torch exposes them) must agree
+to 1e-10 in float64, and the fused path is torch's to the bit where it follows torch's order
+of rounding.
 """
 
 from __future__ import annotations
@@ -53,12 +55,22 @@ def run_torch(make, params, grads_seq, schedule_make=None):
     return {k: t.detach() for k, t in zip(params, tensors, strict=True)}, opt, tensors
 
 
-def run_functional(opt, params, grads_seq):
+def run_functional(opt, params, grads_seq, path: str = "update"):
+    """``path``: "update" (``update`` + ``apply_updates``) or "fused" (``apply_gradients``)."""
     state = opt.init(params)
     for grads in grads_seq:
-        updates, state = opt.update(grads, state, params)
-        params = optim.apply_updates(params, updates)
+        if path == "fused":
+            params, state = optim.apply_gradients(opt, grads, state, params)
+        else:
+            updates, state = opt.update(grads, state, params)
+            params = optim.apply_updates(params, updates)
     return params, state
+
+
+def _find(opt_state, state_type):
+    """The one stage state of ``state_type`` in a chain's state (stages move, types don't)."""
+    (found,) = [s for s in opt_state if isinstance(s, state_type)]
+    return found
 
 
 CASES = [
@@ -97,13 +109,30 @@ TORCH = {
 }
 
 
+@pytest.mark.parametrize("path", ["update", "fused"])
 @pytest.mark.parametrize(("name", "kwargs"), CASES, ids=[f"{n}-{k}" for n, k in CASES])
-def test_params_match_torch_optim_float64(name, kwargs):
+def test_params_match_torch_optim_float64(name, kwargs, path):
     params = _params()
     seq = _grad_sequence(params)
     expected, _, _ = run_torch(lambda ts: TORCH[name](ts, **kwargs), params, seq)
-    actual, _ = run_functional(getattr(optim, name)(**kwargs), params, seq)
+    actual, _ = run_functional(getattr(optim, name)(**kwargs), params, seq, path)
     assert_trees_close(actual, expected, **F64)
+
+
+# Where apply_gradients runs torch's kernels in torch's order. Momentum buffers are the
+# exception: trace fuses torch's two passes (buf * m, then + g) into one, a last-bit change.
+BIT_EXACT = [(n, k) for n, k in CASES if not (k.get("momentum") and n in ("sgd", "rmsprop"))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("name", "kwargs"), BIT_EXACT, ids=[f"{n}-{k}" for n, k in BIT_EXACT])
+def test_fused_path_is_torch_foreach_bit_for_bit(name, kwargs, dtype):
+    params = _params(dtype)
+    seq = _grad_sequence(params)
+    make = lambda ts: TORCH[name](ts, foreach=True, **kwargs)  # noqa: E731
+    expected, _, _ = run_torch(make, params, seq)
+    actual, _ = run_functional(getattr(optim, name)(**kwargs), params, seq, "fused")
+    assert_trees_close(actual, expected, rtol=0.0, atol=0.0)
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -128,7 +157,7 @@ def test_rmsprop_buffers_match_torch_state(kwargs):
         lambda ts: torch.optim.RMSprop(ts, lr=1e-2, **kwargs), params, seq
     )
     _, state = run_functional(optim.rmsprop(lr=1e-2, **kwargs), params, seq)
-    rms_state = state[1]
+    rms_state = _find(state, optim.ScaleByRmsState)
     torch_state = [torch_opt.state[t] for t in tensors]
     keys = list(params)
     assert_trees_close(
@@ -141,7 +170,7 @@ def test_rmsprop_buffers_match_torch_state(kwargs):
         assert_trees_close(rms_state.grad_avg, expected, **F64)
     if kwargs.get("momentum"):
         expected = {k: s["momentum_buffer"] for k, s in zip(keys, torch_state, strict=True)}
-        assert_trees_close(state[2].trace, expected, **F64)
+        assert_trees_close(_find(state, optim.TraceState).trace, expected, **F64)
 
 
 def test_adam_moments_match_torch_state_with_amsgrad():
@@ -151,7 +180,7 @@ def test_adam_moments_match_torch_state_with_amsgrad():
         lambda ts: torch.optim.Adam(ts, lr=1e-2, amsgrad=True), params, seq
     )
     _, state = run_functional(optim.adam(lr=1e-2, amsgrad=True), params, seq)
-    adam_state = state[1]
+    adam_state = _find(state, optim.ScaleByAdamState)
     keys = list(params)
     for field, torch_key in [("mu", "exp_avg"), ("nu", "exp_avg_sq"), ("nu_max", "max_exp_avg_sq")]:
         expected = {k: torch_opt.state[t][torch_key] for k, t in zip(keys, tensors, strict=True)}
@@ -184,8 +213,9 @@ def test_real_model_rmsprop_wgan_critic_steps_match_torch():
     assert_trees_close(params, dict(module.named_parameters()), **F64)
 
 
+@pytest.mark.parametrize("path", ["update", "fused"])
 @pytest.mark.parametrize("name", optim.optimizers.__all__)  # every named optimiser
-def test_update_is_pure(name):
+def test_update_and_apply_gradients_are_pure(name, path):
     kwargs = dict(next(k for n, k in CASES if n == name and len(k) > 1))
     opt = getattr(optim, name)(**kwargs)
     params = _params()
@@ -193,8 +223,37 @@ def test_update_is_pure(name):
     state = opt.init(params)
     _, state = opt.update(grads, state, params)  # a non-initial state, buffers non-zero
     before = tree_clone((params, grads, state))
-    opt.update(grads, state, params)
-    assert_trees_close((params, grads, state), before)
+    if path == "fused":
+        assert opt.update_and_apply is not None, f"{name} lost its fused path"
+        optim.apply_gradients(opt, grads, state, params)
+    else:
+        opt.update(grads, state, params)
+    assert_trees_close((params, grads, state), before, rtol=0.0, atol=0.0)
+
+
+@pytest.mark.parametrize("context", ["torch.func.grad", "autograd"])
+def test_fused_path_falls_back_where_it_cannot_write_in_place(context):
+    """Under torch.func transforms and while autograd records, apply_gradients takes the
+    update + apply_updates path: same numbers, and still differentiable."""
+    opt = optim.adam(1e-2)
+    params = _params()
+    grads = _grad_sequence(params, steps=1)[0]
+    state = opt.init(params)
+    expected = run_functional(opt, params, [grads])[0]
+
+    def total(p):
+        return sum(v.sum() for v in optim.apply_gradients(opt, grads, state, p)[0].values())
+
+    # d/dp of sum(new params) is all ones: Adam's update does not depend on p.
+    ones = {k: torch.ones_like(v) for k, v in params.items()}
+    if context == "torch.func.grad":
+        assert_trees_close(grad(total)(params), ones, rtol=0.0, atol=0.0)
+    else:
+        leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+        actual = optim.apply_gradients(opt, grads, state, leaves)[0]
+        assert_trees_close({k: v.detach() for k, v in actual.items()}, expected, **F64)
+        total(leaves).backward()
+        assert_trees_close({k: v.grad for k, v in leaves.items()}, ones, rtol=0.0, atol=0.0)
 
 
 def test_nesterov_without_momentum_is_an_error():

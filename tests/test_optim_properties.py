@@ -52,7 +52,6 @@ def optimisers(draw):
     return name, kw
 
 
-
 def _tree(leaf_shapes, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return {
@@ -62,8 +61,9 @@ def _tree(leaf_shapes, seed: int) -> dict[str, torch.Tensor]:
 
 
 @settings(max_examples=100, deadline=None)
-@given(optimisers(), shapes, st.integers(1, 5), st.integers(0, 2**16))
-def test_any_optimiser_matches_torch(optimiser, leaf_shapes, steps, seed):
+@given(optimisers(), shapes, st.integers(1, 5), st.integers(0, 2**16), st.booleans())
+def test_any_optimiser_matches_torch(optimiser, leaf_shapes, steps, seed, fused):
+    """``fused``: step with ``apply_gradients`` instead of ``update`` + ``apply_updates``."""
     name, kwargs = optimiser
     params = _tree(leaf_shapes, seed)
     grads = [_tree(leaf_shapes, seed + 1 + i) for i in range(steps)]
@@ -80,9 +80,13 @@ def test_any_optimiser_matches_torch(optimiser, leaf_shapes, steps, seed):
     for g in grads:
         inputs = (g, state, new)
         before = tree_clone(inputs)
-        updates, state = opt.update(g, state, new)
+        if fused:
+            stepped, state = optim.apply_gradients(opt, g, state, new)
+        else:
+            updates, state = opt.update(g, state, new)
+            stepped = optim.apply_updates(new, updates)
         assert_trees_close(inputs, before)  # pure: no input is written to, whatever the options
-        new = optim.apply_updates(new, updates)
+        new = stepped
     assert_trees_close(new, {k: t.detach() for k, t in zip(params, tensors, strict=True)}, **F64)
 
 

@@ -16,6 +16,7 @@ from .accumulate import AccumulateState, accumulate_gradients
 from .base import (
     EmptyState,
     GradientTransformation,
+    apply_gradients,
     apply_updates,
     chain,
     identity,
@@ -71,6 +72,7 @@ __all__ = [
     "adam",
     "adamw",
     "add_decayed_weights",
+    "apply_gradients",
     "apply_updates",
     "chain",
     "clip",

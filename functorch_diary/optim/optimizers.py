@@ -16,16 +16,19 @@ Example:
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 from .base import GradientTransformation, chain
 from .transforms import (
     ScalarOrSchedule,
+    _lr_at,
     add_decayed_weights,
     scale,
     scale_by_adam,
     scale_by_learning_rate,
     scale_by_rms,
     scale_by_rss,
-    scale_by_schedule,
     trace,
     track_learning_rate,
 )
@@ -102,8 +105,8 @@ def adam(
     return chain(
         *_maybe_negate(maximize),
         add_decayed_weights(weight_decay),
+        track_learning_rate(lr),  # before the last stage, which fuses with the apply
         scale_by_adam(*betas, eps, amsgrad=amsgrad, learning_rate=lr),
-        track_learning_rate(lr),
     )
 
 
@@ -118,8 +121,9 @@ def adamw(
 ) -> GradientTransformation:
     """``torch.optim.AdamW``: Adam with decoupled weight decay ``p -= lr * wd * p``.
 
-    The decay is added after the Adam direction and before ``-lr``, so it is scaled by
-    the (scheduled) learning rate and never enters the moments, as in torch.
+    The decay is scaled by the (scheduled) learning rate and never enters the moments, as
+    in torch; :func:`~functorch_diary.optim.apply_gradients` applies it as torch does,
+    ``p * (1 - lr * wd)``, and ``update`` as the additive update ``-lr * wd * p``.
 
     Args:
         lr: learning rate, or a schedule ``step -> lr``.
@@ -137,9 +141,10 @@ def adamw(
     """
     return chain(
         *_maybe_negate(maximize),
-        scale_by_adam(*betas, eps, amsgrad=amsgrad),
-        add_decayed_weights(weight_decay, fresh_updates=True),  # Adam's direction is new
-        scale_by_learning_rate(lr, fresh_updates=True),
+        track_learning_rate(lr),
+        scale_by_adam(
+            *betas, eps, amsgrad=amsgrad, learning_rate=lr, decoupled_weight_decay=weight_decay
+        ),
     )
 
 
@@ -170,13 +175,15 @@ def rmsprop(
         >>> opt.update({"w": torch.ones(1)}, opt.init(p), p)[0]
         {'w': tensor([-0.0005])}
     """
-    # torch's momentum buffer starts at zero, so trace's "first buffer = input" is the same.
     stages = [*_maybe_negate(maximize), add_decayed_weights(weight_decay)]
-    stages.append(scale_by_rms(alpha, eps, centered))
-    if momentum > 0:
-        stages.append(trace(momentum, fresh_updates=True))  # the RMS direction is new
-    # The RMS direction is new; a momentum buffer is trace's state.
-    return chain(*stages, scale_by_learning_rate(lr, fresh_updates=momentum <= 0))
+    if momentum <= 0:
+        # The RMS stage holds the lr, so its addcdiv fuses with the apply, as in torch.
+        fused = scale_by_rms(alpha, eps, centered, learning_rate=lr)
+        return chain(*stages, track_learning_rate(lr), fused)
+    # torch's momentum buffer starts at zero, so trace's "first buffer = input" is the same;
+    # the RMS direction it gets is new.
+    stages += [scale_by_rms(alpha, eps, centered), trace(momentum, fresh_updates=True)]
+    return chain(*stages, scale_by_learning_rate(lr))
 
 
 def adagrad(
@@ -205,8 +212,15 @@ def adagrad(
         >>> opt.update({"w": torch.full((1,), 7.0)}, opt.init(p), p)[0]
         {'w': tensor([-0.5000])}
     """
-    stages = [*_maybe_negate(maximize), add_decayed_weights(weight_decay)]
-    stages.append(scale_by_rss(initial_accumulator_value, eps))
+    decayed_lr = lr
     if lr_decay != 0.0:
-        stages.append(scale_by_schedule(lambda step: 1.0 / (1.0 + step.double() * lr_decay)))
-    return chain(*stages, scale_by_learning_rate(lr, fresh_updates=True))
+        # torch's clr = lr / (1 + (step - 1) * lr_decay), in float64 like its Python floats.
+        def decayed_lr(count: Tensor) -> Tensor:
+            return _lr_at(lr, count) / (1.0 + count.to(torch.float64) * lr_decay)
+
+    return chain(
+        *_maybe_negate(maximize),
+        add_decayed_weights(weight_decay),
+        track_learning_rate(lr),  # torch's param_groups lr is the undecayed one
+        scale_by_rss(initial_accumulator_value, eps, learning_rate=decayed_lr),
+    )

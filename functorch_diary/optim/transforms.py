@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from ..tree import PyTree, tree_add, tree_leaves, tree_map, tree_scale
-from .base import EmptyState, GradientTransformation
+from .base import EmptyState, GradientTransformation, update_then_apply
+from .fast_path import addcdiv_into, eager_leaves, host_number
 
 __all__ = [
     "ScalarOrSchedule",
@@ -207,6 +208,7 @@ def scale_by_adam(
     amsgrad: bool = False,
     *,
     learning_rate: ScalarOrSchedule | None = None,
+    decoupled_weight_decay: float = 0.0,
 ) -> GradientTransformation:
     """Adam's direction as ``torch.optim.Adam`` computes it, before the learning rate.
 
@@ -223,7 +225,11 @@ def scale_by_adam(
             ``(-lr / bc1 * m) / denom`` in torch's order of rounding (``addcdiv``), so the
             trajectory is bit-for-bit ``torch.optim.Adam``'s, not just close: float32
             training through max-pool ties or saturated units otherwise amplifies a last-bit
-            difference. Pair it with :func:`track_learning_rate` to keep the lr readable.
+            difference. It also gives the stage a fused ``update_and_apply``. Pair it with
+            :func:`track_learning_rate` to keep the lr readable.
+        decoupled_weight_decay: AdamW's decay ``p * (1 - lr * wd)`` (needs
+            ``learning_rate``); ``update_and_apply`` applies it exactly as torch does,
+            ``update`` as the additive update ``-lr * wd * p``.
 
     Returns:
         A transformation whose state is a :class:`ScaleByAdamState`.
@@ -235,6 +241,8 @@ def scale_by_adam(
         >>> t.update({"w": torch.tensor([3.0, -0.5])}, t.init(p))[0]["w"]
         tensor([ 1.0000, -1.0000])
     """
+    if decoupled_weight_decay and learning_rate is None:
+        raise ValueError("decoupled_weight_decay needs the learning_rate in the same stage")
 
     def init(params: PyTree) -> ScaleByAdamState:
         zeros = tree_map(torch.zeros_like, params)
@@ -243,28 +251,32 @@ def scale_by_adam(
             _zero_count(params), zeros, tree_map(torch.zeros_like, params), nu_max
         )
 
+    def moments(grads: list[Tensor], state: ScaleByAdamState):
+        """New ``mu``, ``nu``, ``nu_max`` leaves and ``sqrt(nu)`` (a fresh temporary)."""
+        mu = torch._foreach_lerp(tree_leaves(state.mu), grads, 1.0 - b1)
+        nu = torch._foreach_mul(tree_leaves(state.nu), b2)
+        torch._foreach_addcmul_(nu, grads, grads, value=1.0 - b2)
+        nu_max = torch._foreach_maximum(tree_leaves(state.nu_max), nu) if amsgrad else None
+        return mu, nu, nu_max, torch._foreach_sqrt(nu_max if amsgrad else nu)
+
+    def new_state(count: Tensor, spec: optree.PyTreeSpec, mu, nu, nu_max) -> ScaleByAdamState:
+        return ScaleByAdamState(
+            count, _like(spec, mu), _like(spec, nu), _like(spec, nu_max) if amsgrad else None
+        )
+
     def update(updates: PyTree, state: ScaleByAdamState, params: PyTree | None = None):
         count = state.count + 1
         grads, spec = _flatten(updates)
         if not grads:
             return updates, ScaleByAdamState(count, state.mu, state.nu, state.nu_max)
-        mu = torch._foreach_lerp(tree_leaves(state.mu), grads, 1.0 - b1)
-        nu = torch._foreach_mul(tree_leaves(state.nu), b2)
-        torch._foreach_addcmul_(nu, grads, grads, value=1.0 - b2)
-        if amsgrad:
-            nu_max = torch._foreach_maximum(tree_leaves(state.nu_max), nu)
-            denom = torch._foreach_sqrt(nu_max)
-        else:
-            denom = torch._foreach_sqrt(nu)
         # Bias corrections in float64, as torch computes them in Python floats.
         step = count.to(torch.float64)
-        bc1 = (1.0 - b1**step).to(grads[0].dtype)
-        bc2_sqrt = torch.sqrt(1.0 - b2**step).to(grads[0].dtype)
-        torch._foreach_div_(denom, bc2_sqrt)
+        mu, nu, nu_max, denom = moments(grads, state)
+        torch._foreach_div_(denom, torch.sqrt(1.0 - b2**step).to(grads[0].dtype))
         torch._foreach_add_(denom, eps)
         if learning_rate is None:
             # torch divides by step_size = lr / bc1; the lr comes in a later stage here.
-            torch._foreach_mul_(denom, bc1)
+            torch._foreach_mul_(denom, (1.0 - b1**step).to(grads[0].dtype))
             direction = torch._foreach_div(mu, denom)
         else:
             # torch's addcdiv: (step_size * m) / denom with step_size = -(lr / bc1) in float64.
@@ -272,23 +284,55 @@ def scale_by_adam(
             step_size = ((lr / (1.0 - b1**step)) * -1.0).to(grads[0].dtype)
             direction = torch._foreach_mul(mu, step_size)
             torch._foreach_div_(direction, denom)
-        return _like(spec, direction), ScaleByAdamState(
-            count, _like(spec, mu), _like(spec, nu), _like(spec, nu_max) if amsgrad else None
-        )
+            if decoupled_weight_decay:
+                if params is None:
+                    raise ValueError("weight decay needs params: call update(grads, state, params)")
+                decay = (lr * -decoupled_weight_decay).to(grads[0].dtype)
+                decays = torch._foreach_mul(spec.flatten_up_to(params), decay)
+                torch._foreach_add_(direction, decays)
+        return _like(spec, direction), new_state(count, spec, mu, nu, nu_max)
 
-    return GradientTransformation(init, update)
+    def update_and_apply(updates: PyTree, state: ScaleByAdamState, params: PyTree):
+        grads, spec = _flatten(updates)
+        base = spec.flatten_up_to(params) if grads else []
+        eager = eager_leaves(grads, base, tree_leaves(state))  # first: numbers break graphs
+        done = host_number(state.count) if eager else None
+        lr = _lr_number(learning_rate, state.count) if eager else None
+        if done is None or lr is None:
+            return update_then_apply(update, updates, state, params)
+        # torch.optim.Adam's _multi_tensor_adam, scalar for scalar.
+        step = done + 1
+        step_size = (lr / (1 - b1**step)) * -1
+        mu, nu, nu_max, denom = moments(grads, state)
+        torch._foreach_div_(denom, (1 - b2**step) ** 0.5)
+        torch._foreach_add_(denom, eps)
+        if decoupled_weight_decay:
+            new_params = torch._foreach_mul(base, 1 - lr * decoupled_weight_decay)
+            torch._foreach_addcdiv_(new_params, mu, denom, value=step_size)
+        else:
+            new_params = addcdiv_into(denom, base, mu, step_size)
+        return _like(spec, new_params), new_state(state.count + 1, spec, mu, nu, nu_max)
+
+    fused = update_and_apply if learning_rate is not None else None
+    return GradientTransformation(init, update, fused)
 
 
 class ScaleByRmsState(NamedTuple):
     """RMSprop's running mean of squared gradients and, when centered, of gradients
-    (``None`` otherwise, so it holds no tensors)."""
+    (``None`` otherwise, so it holds no tensors); ``count`` only when the stage holds a
+    learning rate."""
 
     square_avg: PyTree
     grad_avg: PyTree = None
+    count: Tensor | None = None
 
 
 def scale_by_rms(
-    alpha: float = 0.99, eps: float = 1e-8, centered: bool = False
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    centered: bool = False,
+    *,
+    learning_rate: ScalarOrSchedule | None = None,
 ) -> GradientTransformation:
     """RMSprop's direction ``g / (sqrt(v) + eps)`` as ``torch.optim.RMSprop`` computes it.
 
@@ -300,6 +344,9 @@ def scale_by_rms(
         alpha: the smoothing constant.
         eps: added to the denominator after the square root.
         centered: normalise by the estimated variance instead of the second moment.
+        learning_rate: when given, the stage emits the whole update ``(-lr * g) / avg`` in
+            torch's order of rounding and has a fused ``update_and_apply`` (RMSprop without
+            momentum); pair it with :func:`track_learning_rate`.
 
     Returns:
         A transformation whose state is a :class:`ScaleByRmsState`.
@@ -311,17 +358,18 @@ def scale_by_rms(
         >>> t.update({"w": torch.tensor([4.0])}, t.init(p))[0]
         {'w': tensor([2.])}
     """
+    counted = learning_rate is not None
 
     def init(params: PyTree) -> ScaleByRmsState:
         grad_avg = tree_map(torch.zeros_like, params) if centered else None
-        return ScaleByRmsState(tree_map(torch.zeros_like, params), grad_avg)
+        count = _zero_count(params) if counted else None
+        return ScaleByRmsState(tree_map(torch.zeros_like, params), grad_avg, count)
 
-    def update(updates: PyTree, state: ScaleByRmsState, params: PyTree | None = None):
-        grads, spec = _flatten(updates)
-        if not grads:
-            return updates, state
+    def averages(grads: list[Tensor], state: ScaleByRmsState, spec: optree.PyTreeSpec):
+        """The new state and the denominator ``avg`` (a fresh temporary)."""
         square_avg = torch._foreach_mul(tree_leaves(state.square_avg), alpha)
         torch._foreach_addcmul_(square_avg, grads, grads, value=1.0 - alpha)
+        grad_avg = None
         if centered:
             grad_avg = torch._foreach_lerp(tree_leaves(state.grad_avg), grads, 1.0 - alpha)
             avg = torch._foreach_addcmul(square_avg, grad_avg, grad_avg, value=-1.0)
@@ -329,29 +377,61 @@ def scale_by_rms(
         else:
             avg = torch._foreach_sqrt(square_avg)
         torch._foreach_add_(avg, eps)
-        direction = torch._foreach_div(grads, avg)
+        count = state.count + 1 if counted else None
         new_state = ScaleByRmsState(
-            _like(spec, square_avg), _like(spec, grad_avg) if centered else None
+            _like(spec, square_avg), _like(spec, grad_avg) if centered else None, count
         )
+        return new_state, avg
+
+    def update(updates: PyTree, state: ScaleByRmsState, params: PyTree | None = None):
+        grads, spec = _flatten(updates)
+        if not grads:
+            return updates, state._replace(count=state.count + 1) if counted else state
+        new_state, avg = averages(grads, state, spec)
+        if counted:
+            # torch's addcdiv: (-lr * g) / avg.
+            minus_lr = _as_dtype(-_lr_at(learning_rate, state.count), grads)
+            direction = torch._foreach_mul(grads, minus_lr)
+            torch._foreach_div_(direction, avg)
+        else:
+            direction = torch._foreach_div(grads, avg)
         return _like(spec, direction), new_state
 
-    return GradientTransformation(init, update)
+    def update_and_apply(updates: PyTree, state: ScaleByRmsState, params: PyTree):
+        grads, spec = _flatten(updates)
+        base = spec.flatten_up_to(params) if grads else []
+        eager = eager_leaves(grads, base, tree_leaves(state))  # first: numbers break graphs
+        lr = _lr_number(learning_rate, state.count) if eager else None
+        if lr is None:
+            return update_then_apply(update, updates, state, params)
+        new_state, avg = averages(grads, state, spec)
+        return _like(spec, addcdiv_into(avg, base, grads, -lr)), new_state
+
+    return GradientTransformation(init, update, update_and_apply if counted else None)
 
 
 class ScaleByRssState(NamedTuple):
-    """Adagrad's running sum of squared gradients."""
+    """Adagrad's running sum of squared gradients; ``count`` only when the stage holds a
+    learning rate."""
 
     sum_of_squares: PyTree
+    count: Tensor | None = None
 
 
 def scale_by_rss(
-    initial_accumulator_value: float = 0.0, eps: float = 1e-10
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+    *,
+    learning_rate: ScalarOrSchedule | None = None,
 ) -> GradientTransformation:
     """Adagrad's direction ``g / (sqrt(sum g*g) + eps)`` as ``torch.optim.Adagrad`` has it.
 
     Args:
         initial_accumulator_value: the starting value of the sum.
         eps: added to the denominator after the square root.
+        learning_rate: when given, the stage emits the whole update ``(g * -lr) / std`` in
+            torch's order of rounding and has a fused ``update_and_apply``; Adagrad's
+            ``lr_decay`` is a schedule here. Pair it with :func:`track_learning_rate`.
 
     Returns:
         A transformation whose state is a :class:`ScaleByRssState`.
@@ -363,22 +443,45 @@ def scale_by_rss(
         >>> t.update({"w": torch.tensor([-3.0])}, t.init(p))[0]
         {'w': tensor([-1.])}
     """
+    counted = learning_rate is not None
 
     def init(params: PyTree) -> ScaleByRssState:
-        return ScaleByRssState(
-            tree_map(lambda p: torch.full_like(p, initial_accumulator_value), params)
-        )
+        total = tree_map(lambda p: torch.full_like(p, initial_accumulator_value), params)
+        return ScaleByRssState(total, _zero_count(params) if counted else None)
+
+    def sums(grads: list[Tensor], state: ScaleByRssState, spec: optree.PyTreeSpec):
+        """The new state and the denominator ``std`` (a fresh temporary)."""
+        total = torch._foreach_addcmul(tree_leaves(state.sum_of_squares), grads, grads, value=1.0)
+        std = torch._foreach_sqrt(total)
+        torch._foreach_add_(std, eps)
+        return ScaleByRssState(_like(spec, total), state.count + 1 if counted else None), std
 
     def update(updates: PyTree, state: ScaleByRssState, params: PyTree | None = None):
         grads, spec = _flatten(updates)
         if not grads:
-            return updates, state
-        total = torch._foreach_addcmul(tree_leaves(state.sum_of_squares), grads, grads, value=1.0)
-        std = torch._foreach_sqrt(total)
-        torch._foreach_add_(std, eps)
-        return _like(spec, torch._foreach_div(grads, std)), ScaleByRssState(_like(spec, total))
+            return updates, state._replace(count=state.count + 1) if counted else state
+        new_state, std = sums(grads, state, spec)
+        if counted:
+            # torch's numerator g * -clr, then addcdiv with value 1.
+            minus_lr = _as_dtype(-_lr_at(learning_rate, state.count), grads)
+            direction = torch._foreach_mul(grads, minus_lr)
+            torch._foreach_div_(direction, std)
+        else:
+            direction = torch._foreach_div(grads, std)
+        return _like(spec, direction), new_state
 
-    return GradientTransformation(init, update)
+    def update_and_apply(updates: PyTree, state: ScaleByRssState, params: PyTree):
+        grads, spec = _flatten(updates)
+        base = spec.flatten_up_to(params) if grads else []
+        eager = eager_leaves(grads, base, tree_leaves(state))  # first: numbers break graphs
+        lr = _lr_number(learning_rate, state.count) if eager else None
+        if lr is None:
+            return update_then_apply(update, updates, state, params)
+        new_state, std = sums(grads, state, spec)
+        numerators = torch._foreach_mul(grads, -lr)
+        return _like(spec, addcdiv_into(std, base, numerators, 1.0)), new_state
+
+    return GradientTransformation(init, update, update_and_apply if counted else None)
 
 
 class ScaleByScheduleState(NamedTuple):
@@ -434,6 +537,11 @@ def _lr_at(learning_rate: ScalarOrSchedule, count: Tensor) -> Tensor:
     if callable(learning_rate):
         return torch.as_tensor(learning_rate(count), device=count.device).to(torch.float64)
     return torch.as_tensor(learning_rate, dtype=torch.float64, device=count.device)
+
+
+def _lr_number(learning_rate: ScalarOrSchedule, count: Tensor) -> float | None:
+    """The lr at ``count`` as a Python number, or ``None`` where reading it is not free."""
+    return host_number(_lr_at(learning_rate, count) if callable(learning_rate) else learning_rate)
 
 
 def track_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransformation:
@@ -495,25 +603,33 @@ def scale_by_learning_rate(
         count = _zero_count(params)
         return ScaleByLearningRateState(count, _lr_at(learning_rate, count))
 
-    def update(updates: PyTree, state: ScaleByLearningRateState, params: PyTree | None = None):
+    def advance(state: ScaleByLearningRateState) -> ScaleByLearningRateState:
         count = state.count + 1
+        next_lr = _lr_at(learning_rate, count) if callable(learning_rate) else state.lr
+        return ScaleByLearningRateState(count, next_lr)
+
+    def update(updates: PyTree, state: ScaleByLearningRateState, params: PyTree | None = None):
         grads, spec = _flatten(updates)
-        if callable(learning_rate):
-            next_lr = _lr_at(learning_rate, count)
-            factor = _as_dtype(-state.lr, grads) if grads else -state.lr
-        else:
-            # A constant lr stays a Python float: the cheapest foreach overload.
-            next_lr, factor = state.lr, -learning_rate
         if not grads:
-            return updates, ScaleByLearningRateState(count, next_lr)
+            return updates, advance(state)
+        # A constant lr stays a Python float: the cheapest foreach overload.
+        factor = _as_dtype(-state.lr, grads) if callable(learning_rate) else -learning_rate
         if fresh_updates:
             torch._foreach_mul_(grads, factor)
-            return updates, ScaleByLearningRateState(count, next_lr)
-        return _like(spec, torch._foreach_mul(grads, factor)), ScaleByLearningRateState(
-            count, next_lr
-        )
+            return updates, advance(state)
+        return _like(spec, torch._foreach_mul(grads, factor)), advance(state)
 
-    return GradientTransformation(init, update)
+    def update_and_apply(updates: PyTree, state: ScaleByLearningRateState, params: PyTree):
+        grads, spec = _flatten(updates)
+        base = spec.flatten_up_to(params) if grads else []
+        eager = eager_leaves(grads, base, tree_leaves(state))  # first: numbers break graphs
+        lr = host_number(state.lr if callable(learning_rate) else learning_rate) if eager else None
+        if lr is None:
+            return update_then_apply(update, updates, state, params)
+        # torch.optim.SGD's last kernel: params + (-lr) * updates, one pass.
+        return _like(spec, torch._foreach_add(base, grads, alpha=-lr)), advance(state)
+
+    return GradientTransformation(init, update, update_and_apply)
 
 
 def current_lr(opt_state: PyTree, group: str | None = None) -> Tensor:

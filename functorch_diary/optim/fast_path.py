@@ -1,0 +1,82 @@
+"""When an optimiser stage may take its eager fast path, and the fast path's fused write.
+
+A stage's ``update_and_apply`` folds the update into the new params the way
+``torch.optim`` folds it into its last in-place kernel: it writes ``params + update`` over
+a temporary the same call allocated (the denominator of Adam, RMSprop or Adagrad), so the
+step makes one pass over memory fewer than ``update`` + ``apply_updates``, and never
+writes into an argument. It reads step counts and learning rates as Python numbers, as
+``torch.optim`` does, so its rounding is torch's to the bit.
+
+Both tricks are only right in plain eager code. While Dynamo traces, reading a number
+would break the graph; under ``torch.func`` transforms tensors are wrapped; while
+autograd records, ``out=`` is not differentiable; and a number that lives on an
+accelerator costs a device synchronisation to read. In those cases the stage falls back to
+``update`` + ``apply_updates`` (the same arithmetic): a compiled step fuses on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["addcdiv_into", "eager_leaves", "host_number"]
+
+
+def _wrapped(tensor: Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
+def eager_leaves(*leaf_lists: Sequence[Tensor]) -> bool:
+    """True when plain in-place kernels may run on these leaves (pass every tensor the step
+    reads: grads, params and state): not under compile, not inside a ``torch.func``
+    transform, and not recorded by autograd.
+
+    Example:
+        >>> import torch
+        >>> eager_leaves([torch.ones(2)]), eager_leaves([torch.ones(2, requires_grad=True)])
+        (True, False)
+    """
+    if torch.compiler.is_compiling():
+        return False
+    leaves = [t for leaf_list in leaf_lists for t in leaf_list]
+    # Any leaf may be the wrapped one: vmap over params alone leaves the grads plain.
+    if not leaves or any(_wrapped(t) for t in leaves):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in leaves))
+
+
+def host_number(value: float | Tensor) -> float | None:
+    """``value`` as a Python number if reading it costs no device synchronisation, else
+    ``None`` (the caller then takes the tensor path).
+
+    Example:
+        >>> import torch
+        >>> host_number(0.1), host_number(torch.tensor(3))
+        (0.1, 3)
+    """
+    if not isinstance(value, Tensor):
+        return value
+    if value.device.type != "cpu" or _wrapped(value):
+        return None
+    return value.item()
+
+
+def addcdiv_into(
+    denominators: list[Tensor], base: list[Tensor], numerators: list[Tensor], value: float
+) -> list[Tensor]:
+    """``base + value * numerators / denominators`` (``torch.addcdiv``'s rounding), written
+    over ``denominators``, which the caller allocated and no longer needs.
+
+    Example:
+        >>> import torch
+        >>> den = [torch.tensor([2.0, 4.0])]
+        >>> addcdiv_into(den, [torch.ones(2)], [torch.ones(2)], value=-1.0)[0]
+        tensor([0.5000, 0.7500])
+    """
+    # There is no foreach kernel with an output list; one kernel per leaf costs a few
+    # microseconds, where a fresh output would cost a pass over memory it first has to own.
+    for den, b, num in zip(denominators, base, numerators, strict=True):
+        torch.addcdiv(b, num, den, value=value, out=den)
+    return denominators
