@@ -22,6 +22,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,9 +58,26 @@ def sync(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Timing: the two sides alternate, one step each per round, so that a burst of load on a
-# shared machine hits both alike; the median of the rounds is reported.
+# Timing: two sides alternate, one step each per round, so that a burst of load on a
+# shared machine hits both alike; the median of the rounds is reported. The unfused form is
+# timed against its own torch twin in separate rounds: a third arm in the same rounds would
+# evict the other two's tensors from the cache between their steps.
 # ---------------------------------------------------------------------------------------
+
+
+def alternate(
+    a: Callable[[], None], b: Callable[[], None], device: torch.device, repeats: int, warmup: int
+) -> tuple[list[float], list[float]]:
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(warmup + repeats):
+        for step, seen in zip((a, b), times, strict=True):
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            if i >= warmup:
+                seen.append(time.perf_counter() - start)
+    return times
 
 
 def bench(name: str, device: torch.device, repeats: int, warmup: int = 5) -> dict:
@@ -67,52 +85,50 @@ def bench(name: str, device: torch.device, repeats: int, warmup: int = 5) -> dic
     params = resnet18_params(device)
     gen = torch.Generator(device=device).manual_seed(1)
     grads = {k: torch.randn(v.shape, generator=gen, device=device) for k, v in params.items()}
-
     opt = make_functional(**kwargs)
+
+    def torch_twin() -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+        tensors = [torch.nn.Parameter(v.clone()) for v in params.values()]
+        for t, g in zip(tensors, grads.values(), strict=True):
+            t.grad = g
+        return torch_cls(tensors, foreach=True, **kwargs), tensors
+
     carry = [params, opt.init(params)]
-    unfused_carry = [params, opt.init(params)]
 
     def functional_step() -> None:
         carry[0], carry[1] = optim.apply_gradients(opt, grads, carry[1], carry[0])
+
+    torch_opt, tensors = torch_twin()
+    functional, torch_times = alternate(functional_step, torch_opt.step, device, repeats, warmup)
+    # The correctness check runs inside the benchmark: both sides took the same steps.
+    max_diff = max(
+        (carry[0][k] - t.detach()).abs().max().item() for k, t in zip(params, tensors, strict=True)
+    )
+
+    unfused_carry = [params, opt.init(params)]
 
     def unfused_step() -> None:
         updates, unfused_carry[1] = opt.update(grads, unfused_carry[1], unfused_carry[0])
         unfused_carry[0] = optim.apply_updates(unfused_carry[0], updates)
 
-    tensors = [torch.nn.Parameter(v.clone()) for v in params.values()]
-    for t, g in zip(tensors, grads.values(), strict=True):
-        t.grad = g
-    torch_opt = torch_cls(tensors, foreach=True, **kwargs)
+    unfused, unfused_torch = alternate(unfused_step, torch_twin()[0].step, device, repeats, warmup)
 
-    steps = {"functional": functional_step, "unfused": unfused_step, "torch": torch_opt.step}
-    times: dict[str, list[float]] = {side: [] for side in steps}
-    for i in range(warmup + repeats):
-        for side, step in steps.items():
-            sync(device)
-            start = time.perf_counter()
-            step()
-            sync(device)
-            if i >= warmup:
-                times[side].append(time.perf_counter() - start)
     # The median is the typical step; the minimum is the least disturbed one, the better
     # estimate of the intrinsic cost on a loaded machine.
-    median = {side: 1e3 * statistics.median(t) for side, t in times.items()}
-    minimum = {side: 1e3 * min(t) for side, t in times.items()}
-    # The correctness check runs inside the benchmark: both sides took the same steps.
-    max_diff = max(
-        (carry[0][k] - t.detach()).abs().max().item() for k, t in zip(params, tensors, strict=True)
-    )
+    def ms(times: list[float], stat=statistics.median) -> float:
+        return 1e3 * stat(times)
+
     return {
         "optimizer": name,
         "kwargs": dict(kwargs),
-        "functional_ms": median["functional"],
-        "unfused_ms": median["unfused"],
-        "torch_foreach_ms": median["torch"],
-        "ratio": median["functional"] / median["torch"],
-        "unfused_ratio": median["unfused"] / median["torch"],
-        "functional_min_ms": minimum["functional"],
-        "torch_foreach_min_ms": minimum["torch"],
-        "ratio_of_minima": minimum["functional"] / minimum["torch"],
+        "functional_ms": ms(functional),
+        "torch_foreach_ms": ms(torch_times),
+        "ratio": ms(functional) / ms(torch_times),
+        "functional_min_ms": ms(functional, min),
+        "torch_foreach_min_ms": ms(torch_times, min),
+        "ratio_of_minima": ms(functional, min) / ms(torch_times, min),
+        "unfused_ms": ms(unfused),
+        "unfused_ratio": ms(unfused) / ms(unfused_torch),
         "max_abs_param_diff_vs_torch": max_diff,
         "steps": warmup + repeats,
     }

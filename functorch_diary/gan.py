@@ -214,6 +214,7 @@ def make_critic_step(
     projection: Projection | None = None,
     compile: bool | None = None,
     compile_mode: str | None = None,
+    compile_backend: str | Callable = "inductor",
 ) -> Callable[..., tuple[GANState, Metrics]]:
     """Build ``critic_step(gan_state, real, z, alpha=None) -> (gan_state, metrics)``.
 
@@ -230,7 +231,8 @@ def make_critic_step(
         optimizer: the critic's optimiser (RMSprop for WGAN, Adam for WGAN-GP/SN-GAN).
         penalty_weight: WGAN-GP's lambda (10 in the paper); 0 for no penalty.
         projection: applied to the critic's params after the update.
-        compile, compile_mode: as for :func:`~functorch_diary.make_train_step`.
+        compile, compile_mode, compile_backend: as for
+            :func:`~functorch_diary.make_train_step`.
 
     Returns:
         The step; ``metrics`` holds ``"critic_loss"`` (the whole objective) and, with a
@@ -272,7 +274,7 @@ def make_critic_step(
             d = d._replace(params=projection(d.params))
         return GANState(g._replace(state=g_state), d), {"critic_loss": loss, **metrics}
 
-    return _with_compile_policy(step, compile, compile_mode)
+    return _with_compile_policy(step, compile, compile_mode, compile_backend)
 
 
 def make_generator_step(
@@ -283,6 +285,7 @@ def make_generator_step(
     *,
     compile: bool | None = None,
     compile_mode: str | None = None,
+    compile_backend: str | Callable = "inductor",
 ) -> Callable[..., tuple[GANState, Metrics]]:
     """Build ``generator_step(gan_state, z) -> (gan_state, metrics)``.
 
@@ -294,7 +297,8 @@ def make_generator_step(
         generator, critic: the models.
         loss_fn: ``loss_fn(fake_scores) -> scalar``, e.g. :func:`wasserstein_generator_loss`.
         optimizer: the generator's optimiser.
-        compile, compile_mode: as for :func:`~functorch_diary.make_train_step`.
+        compile, compile_mode, compile_backend: as for
+            :func:`~functorch_diary.make_train_step`.
 
     Returns:
         The step; ``metrics`` holds ``"generator_loss"``.
@@ -317,7 +321,7 @@ def make_generator_step(
         g = _update(g._replace(state=g_state), grads, optimizer)
         return GANState(g, d._replace(state=d_state)), {"generator_loss": loss}
 
-    return _with_compile_policy(step, compile, compile_mode)
+    return _with_compile_policy(step, compile, compile_mode, compile_backend)
 
 
 def make_gan_step(
@@ -327,6 +331,7 @@ def make_gan_step(
     *,
     compile: bool | None = None,
     compile_mode: str | None = None,
+    compile_backend: str | Callable = "inductor",
 ) -> Callable[..., tuple[GANState, Metrics]]:
     """Build ``gan_step(gan_state, reals, zs, alphas=None)``: ``n_critic`` critic steps, then one
     generator step, as one pure function (and one graph when compiled).
@@ -335,7 +340,8 @@ def make_gan_step(
         critic_step, generator_step: from :func:`make_critic_step` /
             :func:`make_generator_step` (build those with ``compile=False`` and compile here).
         n_critic: critic updates per generator update (5 for WGAN and WGAN-GP).
-        compile, compile_mode: as for :func:`~functorch_diary.make_train_step`.
+        compile, compile_mode, compile_backend: as for
+            :func:`~functorch_diary.make_train_step`.
 
     Returns:
         The step. ``reals``: ``(n_critic, N, ...)`` real batches; ``zs``:
@@ -360,4 +366,4 @@ def make_gan_step(
         gs, g_metrics = generator_step(gs, zs[n_critic])
         return gs, {**metrics, **g_metrics}
 
-    return _with_compile_policy(step, compile, compile_mode)
+    return _with_compile_policy(step, compile, compile_mode, compile_backend)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import grad
 
 from functorch_diary import Model, optim
+from functorch_diary.optim import fused
 from functorch_diary.testing import assert_trees_close
 from functorch_diary.tree import tree_clone
 
@@ -211,6 +212,32 @@ def test_real_model_rmsprop_wgan_critic_steps_match_torch():
         updates, state = opt.update(grad(loss)(params, x), state, params)
         params = optim.apply_updates(params, updates)
     assert_trees_close(params, dict(module.named_parameters()), **F64)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("adam", {"lr": 1e-2, "amsgrad": True}),
+        ("adamw", {"lr": 1e-2, "weight_decay": 0.1}),
+        ("rmsprop", {"lr": 1e-2, "centered": True}),
+        ("adagrad", {"lr": 1e-1, "lr_decay": 0.05}),
+    ],
+)
+def test_fused_path_tiles_large_leaves_bit_for_bit(name, kwargs):
+    """A leaf larger than one tile is updated slice by slice, in memory order, including a
+    channels_last leaf (strided, so it is updated whole)."""
+    gen = torch.Generator().manual_seed(0)
+    params = {
+        "big": torch.randn(fused.TILE + 37, generator=gen),
+        "nhwc": torch.randn(8, 3, 5, 5, generator=gen).to(memory_format=torch.channels_last),
+        "small": torch.randn(3, generator=gen),
+    }
+    seq = _grad_sequence(params, steps=3)
+    make = lambda ts: TORCH[name](ts, foreach=True, **kwargs)  # noqa: E731
+    expected, _, _ = run_torch(make, params, seq)
+    actual, _ = run_functional(getattr(optim, name)(**kwargs), params, seq, "fused")
+    assert_trees_close(actual, expected, rtol=0.0, atol=0.0)
+    assert actual["nhwc"].is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("path", ["update", "fused"])

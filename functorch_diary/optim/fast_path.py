@@ -16,6 +16,7 @@ accelerator costs a device synchronisation to read. In those cases the stage fal
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -24,8 +25,8 @@ from torch import Tensor
 __all__ = ["addcdiv_into", "eager_leaves", "host_number"]
 
 
-def _wrapped(tensor: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_requires_grad = operator.attrgetter("requires_grad")
 
 
 def eager_leaves(*leaf_lists: Sequence[Tensor]) -> bool:
@@ -42,9 +43,10 @@ def eager_leaves(*leaf_lists: Sequence[Tensor]) -> bool:
         return False
     leaves = [t for leaf_list in leaf_lists for t in leaf_list]
     # Any leaf may be the wrapped one: vmap over params alone leaves the grads plain.
-    if not leaves or any(_wrapped(t) for t in leaves):
+    # (map over the C functions: this runs on every eager step, over every leaf.)
+    if not leaves or any(map(_is_wrapped, leaves)):
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in leaves))
+    return not (torch.is_grad_enabled() and any(map(_requires_grad, leaves)))
 
 
 def host_number(value: float | Tensor) -> float | None:
@@ -58,7 +60,7 @@ def host_number(value: float | Tensor) -> float | None:
     """
     if not isinstance(value, Tensor):
         return value
-    if value.device.type != "cpu" or _wrapped(value):
+    if value.device.type != "cpu" or _is_wrapped(value):
         return None
     return value.item()
 

@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 
 from ..tree import PyTree, tree_add, tree_leaves, tree_map, tree_scale
+from . import fused
 from .base import EmptyState, GradientTransformation, update_then_apply
-from .fast_path import addcdiv_into, eager_leaves, host_number
+from .fast_path import eager_leaves, host_number
 
 __all__ = [
     "ScalarOrSchedule",
@@ -300,21 +301,22 @@ def scale_by_adam(
         lr = _lr_number(learning_rate, state.count) if eager else None
         if done is None or lr is None:
             return update_then_apply(update, updates, state, params)
-        # torch.optim.Adam's _multi_tensor_adam, scalar for scalar.
-        step = done + 1
-        step_size = (lr / (1 - b1**step)) * -1
-        mu, nu, nu_max, denom = moments(grads, state)
-        torch._foreach_div_(denom, (1 - b2**step) ** 0.5)
-        torch._foreach_add_(denom, eps)
-        if decoupled_weight_decay:
-            new_params = torch._foreach_mul(base, 1 - lr * decoupled_weight_decay)
-            torch._foreach_addcdiv_(new_params, mu, denom, value=step_size)
-        else:
-            new_params = addcdiv_into(denom, base, mu, step_size)
+        new_params, mu, nu, nu_max = fused.adam(
+            base,
+            grads,
+            tree_leaves(state.mu),
+            tree_leaves(state.nu),
+            tree_leaves(state.nu_max) if amsgrad else None,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            lr=lr,
+            step=done + 1,
+            weight_decay=decoupled_weight_decay,
+        )
         return _like(spec, new_params), new_state(state.count + 1, spec, mu, nu, nu_max)
 
-    fused = update_and_apply if learning_rate is not None else None
-    return GradientTransformation(init, update, fused)
+    return GradientTransformation(init, update, update_and_apply if learning_rate else None)
 
 
 class ScaleByRmsState(NamedTuple):
@@ -404,8 +406,14 @@ def scale_by_rms(
         lr = _lr_number(learning_rate, state.count) if eager else None
         if lr is None:
             return update_then_apply(update, updates, state, params)
-        new_state, avg = averages(grads, state, spec)
-        return _like(spec, addcdiv_into(avg, base, grads, -lr)), new_state
+        grad_avg = tree_leaves(state.grad_avg) if centered else None
+        new_params, square_avg, grad_avg = fused.rmsprop(
+            base, grads, tree_leaves(state.square_avg), grad_avg, alpha=alpha, eps=eps, lr=lr
+        )
+        new_state = ScaleByRmsState(
+            _like(spec, square_avg), _like(spec, grad_avg) if centered else None, state.count + 1
+        )
+        return _like(spec, new_params), new_state
 
     return GradientTransformation(init, update, update_and_apply if counted else None)
 
@@ -477,9 +485,10 @@ def scale_by_rss(
         lr = _lr_number(learning_rate, state.count) if eager else None
         if lr is None:
             return update_then_apply(update, updates, state, params)
-        new_state, std = sums(grads, state, spec)
-        numerators = torch._foreach_mul(grads, -lr)
-        return _like(spec, addcdiv_into(std, base, numerators, 1.0)), new_state
+        new_params, total = fused.adagrad(
+            base, grads, tree_leaves(state.sum_of_squares), eps=eps, lr=lr
+        )
+        return _like(spec, new_params), ScaleByRssState(_like(spec, total), state.count + 1)
 
     return GradientTransformation(init, update, update_and_apply if counted else None)
 
