@@ -161,12 +161,26 @@ def _grad_and_value(
     itself. Otherwise, run eagerly, ``grad_and_value`` records the backward pass as a
     differentiable graph (``create_graph=True``, so that its result can be differentiated
     again), which costs ~25% of a LeNet step on the CPU; plain ``torch.autograd.grad`` on
-    detached copies gives bit-identical gradients without that cost. The params passed in
-    are not touched either way.
+    detached copies gives bit-identical gradients without that cost (except through BCE
+    with logits, whose functorch version below moves float32 gradients by ~1e-7). The
+    params passed in are not touched either way.
 
-    Under bf16 autocast the two differ (``grad_and_value`` does not reproduce autocast's
-    backward exactly), so the eager step keeps ``grad_and_value`` there, to give the
-    compiled step's numbers.
+    Under autocast the two paths can differ by a bf16 rounding, and the eager step keeps
+    ``grad_and_value`` so as to give the compiled step's numbers. The cause is in torch,
+    not in autocast's backward: functorch registers its own ``binary_cross_entropy_with_logits``
+    and ``linear`` on the ``FuncTorchDynamicLayerFrontMode`` dispatch key
+    (``aten/src/ATen/functorch/PyTorchOperatorHacks.cpp``), which runs before the
+    Autocast keys, so inside any ``torch.func`` transform autocast only sees their pieces.
+    BCE with logits then loses autocast's float32 policy: its ``exp``/``log`` run in bf16
+    on the bf16 logits (loss off by ~3e-4, every gradient by up to 1.5 bf16 eps of its
+    largest entry after one step; the DCGAN discriminator's params by 2e-4 after one SGD
+    step at lr 0.05 and 1.6e-2 after five with momentum). ``linear`` casts ``weight.t()``,
+    a view that autocast's weight cache skips (a Linear applied twice sums its weight
+    gradient in float32, not bf16), and for input other than 2-D or contiguous 3-D adds
+    the float32 bias in place to the bf16 product. Without these ops (convolutions,
+    BatchNorm, 2-D Linear, ``cross_entropy``, ``mse_loss``...) both paths give
+    ``loss.backward()``'s gradients bit for bit, and the autograd path does so with them
+    too; ``loss_fn(logits.float(), y)`` makes BCE exact on both (tests/test_autocast.py).
     """
     # No public API says "inside a torch.func transform"; the interpreter stack does.
     transformed = torch._C._functorch.peek_interpreter_stack() is not None
