@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
 from .checks import LeafSpec, check_leaves
-from .functional import Model, State, seeded_cpu
+from .functional import Model, State, _aliases, seeded_cpu
 from .tree import Params, Selector, select
 
 __all__ = [
@@ -364,6 +364,7 @@ class Reparametrized(Model):
         }
         known = {**self.param_specs, **self.state_specs}
         self._persistent = [n for n in template.state_dict() if n in known]
+        self._aliases = _aliases(template)
 
     @property
     def _factory(self) -> Callable[[], nn.Module]:

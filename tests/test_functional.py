@@ -113,3 +113,51 @@ def test_paths_of_selects_by_module_type():
     model = Model(SmallBNNet)
     assert model.paths_of(nn.Conv2d, nn.Linear) == ["features.0.weight", "head.weight"]
     assert model.paths_of(nn.BatchNorm2d, leaf="bias") == ["features.1.bias"]
+
+
+class _TiedAutoencoder(nn.Module):
+    """Decoder weight is the encoder's (one tensor, two names), as in tied autoencoders."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode = nn.Linear(6, 3, bias=False)
+        self.decode = nn.Linear(3, 6, bias=False)
+        self.decode.weight = self.encode.weight  # the same Parameter, shape (3, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(torch.tanh(self.encode(x)), self.decode.weight.t())
+
+
+def test_tied_weights_are_one_param_and_gradients_sum_over_both_uses():
+    torch.manual_seed(0)
+    module = _TiedAutoencoder()
+    model, params, state = Model.from_module(module)
+    assert list(params) == ["encode.weight"]  # named_parameters() lists a tied tensor once
+    x = torch.randn(4, 6)
+    out, _ = model.apply(params, state, x)
+    assert_trees_close(out, module(x), rtol=0.0, atol=0.0)
+
+    module.zero_grad()
+    module(x).square().sum().backward()
+    grads = torch.func.grad(lambda p: model.apply(p, state, x)[0].square().sum())(params)
+    assert_trees_close(grads["encode.weight"], module.encode.weight.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_tied_weights_stay_tied_through_init_from_a_factory_or_a_module():
+    x = torch.randn(4, 6)
+    model = Model(_TiedAutoencoder)
+    params, state = model.init(seed=1)
+    torch.manual_seed(1)
+    module = _TiedAutoencoder()
+    assert_trees_close(params, dict(module.named_parameters()), rtol=0.0, atol=0.0)
+    assert_trees_close(model.apply(params, state, x)[0], module(x), rtol=0.0, atol=0.0)
+
+    # from_module's init re-runs reset_parameters (so other draws), still one tied tensor.
+    model, _, _ = Model.from_module(_TiedAutoencoder())
+    params, state = model.init(seed=1)
+    assert list(params) == ["encode.weight"]
+    state_dict = model.state_dict(params, state)  # both names, as torch writes them
+    assert list(state_dict) == list(module.state_dict())
+    module.load_state_dict(state_dict)
+    assert_trees_close(model.apply(params, state, x)[0], module(x), rtol=0.0, atol=0.0)
+    assert_trees_close(model.from_state_dict(module.state_dict()), (params, state))
