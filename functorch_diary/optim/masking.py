@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..tree import PyTree, Selector, select, tree_flatten_with_paths, tree_leaves
-from .base import EmptyState, GradientTransformation, identity
+from .base import EmptyState, GradientTransformation, apply_gradients, identity
 
 __all__ = [
     "MultiTransformState",
@@ -69,7 +69,8 @@ def set_to_zero() -> GradientTransformation:
             lambda u: torch.full_like(u, -0.0), updates, none_is_leaf=False
         ), state
 
-    return GradientTransformation(lambda params: EmptyState(), update)
+    # Fused, a frozen leaf is simply the old tensor: nothing is written, nothing copied.
+    return GradientTransformation(lambda params: EmptyState(), update, lambda u, s, p: (p, s))
 
 
 def _structure_key(tree: PyTree) -> Hashable:
@@ -174,23 +175,36 @@ def _grouped(
             {label: transforms[label].init(split(params, leaf_labels, label)) for label in known}
         )
 
-    def update(updates: PyTree, state: MultiTransformState, params: PyTree | None = None):
+    def per_group(step: Callable, updates: PyTree, state: MultiTransformState, params):
+        """Run ``step(transform, sub_updates, inner_state, sub_params)`` on each group and
+        put the results (updates, or new params) back in place."""
         leaf_labels = labels_of(updates)
         leaves, spec = optree.tree_flatten(updates, none_is_leaf=False)
         out: list[Any] = list(leaves)
         new_states = {}
         for label in known:
             sub_params = None if params is None else split(params, leaf_labels, label)
-            sub_updates, new_states[label] = transforms[label].update(
-                split(updates, leaf_labels, label), state.inner_states[label], sub_params
+            sub_out, new_states[label] = step(
+                transforms[label],
+                split(updates, leaf_labels, label),
+                state.inner_states[label],
+                sub_params,
             )
-            results = iter(optree.tree_leaves(sub_updates, none_is_leaf=False))
+            results = iter(optree.tree_leaves(sub_out, none_is_leaf=False))
             for index, tag in enumerate(leaf_labels):
                 if tag == label:
                     out[index] = next(results)
         return optree.tree_unflatten(spec, out), MultiTransformState(new_states)
 
-    return GradientTransformation(init, update)
+    def update(updates: PyTree, state: MultiTransformState, params: PyTree | None = None):
+        return per_group(lambda t, *args: t.update(*args), updates, state, params)
+
+    def update_and_apply(updates: PyTree, state: MultiTransformState, params: PyTree):
+        # Each group takes its own fused step where it has one (Adam on the head, the
+        # frozen backbone left as it is).
+        return per_group(apply_gradients, updates, state, params)
+
+    return GradientTransformation(init, update, update_and_apply)
 
 
 def masked(inner: GradientTransformation, mask: Selector) -> GradientTransformation:
