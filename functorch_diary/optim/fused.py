@@ -23,12 +23,24 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["TILE", "adagrad", "adam", "rmsprop", "tiles"]
+__all__ = ["TILE", "adagrad", "adam", "rmsprop", "runs_on", "tiles"]
 
 #: Elements per tile (4 MB of float32 per tensor): the fastest of 2**17..2**21 in
 #: benchmarks/optimizer_update.py on a 2-core Xeon; larger tiles spill, smaller ones pay
 #: more per-call overhead.
 TILE = 1 << 20
+
+
+def runs_on(leaves: Sequence[Tensor]) -> bool:
+    """Whether the tiled steps are the fast path for these leaves: on the CPU. On a GPU
+    one multi-tensor ``foreach`` launch per pass beats a launch per tile and op.
+
+    Example:
+        >>> import torch
+        >>> runs_on([torch.ones(1)]), runs_on([torch.ones(1, device="meta")]), runs_on([])
+        (True, False, False)
+    """
+    return bool(leaves) and leaves[0].device.type == "cpu"
 
 
 def tiles(*leaf_lists: Sequence[Tensor], size: int | None = None) -> Iterator[tuple[Tensor, ...]]:

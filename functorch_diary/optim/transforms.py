@@ -296,7 +296,8 @@ def scale_by_adam(
     def update_and_apply(updates: PyTree, state: ScaleByAdamState, params: PyTree):
         grads, spec = _flatten(updates)
         base = spec.flatten_up_to(params) if grads else []
-        eager = eager_leaves(grads, base, tree_leaves(state))  # first: numbers break graphs
+        # Tiles are a CPU cache optimisation; elsewhere foreach kernels are the fast path.
+        eager = fused.runs_on(base) and eager_leaves(grads, base, tree_leaves(state))
         done = host_number(state.count) if eager else None
         lr = _lr_number(learning_rate, state.count) if eager else None
         if done is None or lr is None:
@@ -402,7 +403,8 @@ def scale_by_rms(
     def update_and_apply(updates: PyTree, state: ScaleByRmsState, params: PyTree):
         grads, spec = _flatten(updates)
         base = spec.flatten_up_to(params) if grads else []
-        eager = eager_leaves(grads, base, tree_leaves(state))  # first: numbers break graphs
+        # Tiles are a CPU cache optimisation; elsewhere foreach kernels are the fast path.
+        eager = fused.runs_on(base) and eager_leaves(grads, base, tree_leaves(state))
         lr = _lr_number(learning_rate, state.count) if eager else None
         if lr is None:
             return update_then_apply(update, updates, state, params)
@@ -481,7 +483,8 @@ def scale_by_rss(
     def update_and_apply(updates: PyTree, state: ScaleByRssState, params: PyTree):
         grads, spec = _flatten(updates)
         base = spec.flatten_up_to(params) if grads else []
-        eager = eager_leaves(grads, base, tree_leaves(state))  # first: numbers break graphs
+        # Tiles are a CPU cache optimisation; elsewhere foreach kernels are the fast path.
+        eager = fused.runs_on(base) and eager_leaves(grads, base, tree_leaves(state))
         lr = _lr_number(learning_rate, state.count) if eager else None
         if lr is None:
             return update_then_apply(update, updates, state, params)
