@@ -1,11 +1,10 @@
-"""When an optimiser stage may take its eager fast path, and the fast path's fused write.
+"""When an optimiser stage may take its eager fast path.
 
 A stage's ``update_and_apply`` folds the update into the new params the way
-``torch.optim`` folds it into its last in-place kernel: it writes ``params + update`` over
-a temporary the same call allocated (the denominator of Adam, RMSprop or Adagrad), so the
-step makes one pass over memory fewer than ``update`` + ``apply_updates``, and never
-writes into an argument. It reads step counts and learning rates as Python numbers, as
-``torch.optim`` does, so its rounding is torch's to the bit.
+``torch.optim`` folds it into its last in-place kernel: it writes the new params into
+tensors the same call allocated (never into an argument), so the step makes fewer passes
+over memory than ``update`` + ``apply_updates``. It reads step counts and learning rates as
+Python numbers, as ``torch.optim`` does, so its rounding is torch's to the bit.
 
 Both tricks are only right in plain eager code. While Dynamo traces, reading a number
 would break the graph; under ``torch.func`` transforms tensors are wrapped; while
@@ -22,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["addcdiv_into", "eager_leaves", "host_number"]
+__all__ = ["eager_leaves", "host_number"]
 
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -63,22 +62,3 @@ def host_number(value: float | Tensor) -> float | None:
     if value.device.type != "cpu" or _is_wrapped(value):
         return None
     return value.item()
-
-
-def addcdiv_into(
-    denominators: list[Tensor], base: list[Tensor], numerators: list[Tensor], value: float
-) -> list[Tensor]:
-    """``base + value * numerators / denominators`` (``torch.addcdiv``'s rounding), written
-    over ``denominators``, which the caller allocated and no longer needs.
-
-    Example:
-        >>> import torch
-        >>> den = [torch.tensor([2.0, 4.0])]
-        >>> addcdiv_into(den, [torch.ones(2)], [torch.ones(2)], value=-1.0)[0]
-        tensor([0.5000, 0.7500])
-    """
-    # There is no foreach kernel with an output list; one kernel per leaf costs a few
-    # microseconds, where a fresh output would cost a pass over memory it first has to own.
-    for den, b, num in zip(denominators, base, numerators, strict=True):
-        torch.addcdiv(b, num, den, value=value, out=den)
-    return denominators

@@ -4,10 +4,11 @@ kernels, op for op and scalar for scalar, run tile by tile into fresh outputs.
 ``torch.optim`` updates params and state in place, pass after pass over whole tensors. A
 pure step cannot: it writes new params and new state, so it touches about twice the
 memory, and on a CPU each pass then streams it from further out in the cache hierarchy
-(on a 2-core Xeon, ``torch.mul(x, c, out=y)`` over 9 MB costs 2.6x ``x.mul_(c)``). Running
+(on a 2-core Xeon, ``torch.mul(x, c, out=y)`` over 9 MB costs 2.5x ``x.mul_(c)``). Running
 all of a step's passes on one tile (``TILE`` elements of every tensor) before moving to the
-next keeps the tile's temporaries cached, which more than pays for it: the pure Adam and
-AdamW steps run as fast as ``torch.optim``'s in-place ones
+next keeps the tile's temporaries (Adam's denominator) cached instead, which brought the
+pure Adam and AdamW steps from about 1.5x to 1.04-1.22x the time of ``torch.optim``'s
+in-place ones, depending on how busy the machine's memory is
 (``benchmarks/optimizer_update.py``). Each element sees the same kernels in the same order
 as in torch, so the results are torch's to the bit.
 
@@ -25,9 +26,9 @@ from torch import Tensor
 
 __all__ = ["TILE", "adagrad", "adam", "rmsprop", "runs_on", "tiles"]
 
-#: Elements per tile (4 MB of float32 per tensor): the fastest of 2**17..2**21 in
-#: benchmarks/optimizer_update.py on a 2-core Xeon; larger tiles spill, smaller ones pay
-#: more per-call overhead.
+#: Elements per tile (4 MB of float32 per tensor): the fastest of 2**16..2**21 in
+#: benchmarks/optimizer_update.py on a 2-core Xeon; smaller tiles pay more per-call
+#: Python overhead than they save.
 TILE = 1 << 20
 
 
