@@ -322,9 +322,11 @@ def test_weight_standardization_gives_zero_mean_unit_variance(shape, scale, seed
     out = reparam.standardize_weight(w, eps).flatten(1)
     std = (w.flatten(1) - w.flatten(1).mean(1, keepdim=True)).std(1)
     assert out.mean(1).abs().max() < 1e-9 * (1 + w.abs().max())
-    # Unbiased variance is (std / (std + eps))^2: 1 up to the eps the seed adds.
+    # Unbiased variance is (std / (std + eps))^2: 1 up to the eps the standardisation adds,
+    # which matters only for rows whose own spread is near eps (two nearly equal weights).
     assert_trees_close(out.var(1), (std / (std + eps)) ** 2, rtol=1e-9)
-    assert bool(((std / (std + eps)) ** 2 > 1 - 1e-2).all())
+    spread = std > 1e3 * eps
+    assert_trees_close(out.var(1)[spread], torch.ones(int(spread.sum()), dtype=w.dtype), rtol=3e-3)
 
 
 def test_spectral_norm_step_compiles_as_one_graph():
