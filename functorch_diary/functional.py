@@ -132,11 +132,10 @@ class Model:
             True
         """
         params, state = extract(module)
-        template = _retie(copy.deepcopy(module).to("meta"), like=module)
+        template = _converted(module, lambda m: m.to("meta"))
 
         def rebuild() -> nn.Module:
-            fresh = copy.deepcopy(template).to_empty(device=torch.get_default_device())
-            fresh = _retie(fresh, like=template)
+            fresh = _converted(template, lambda m: m.to_empty(device=torch.get_default_device()))
             for sub in fresh.modules():
                 if hasattr(sub, "reset_parameters"):
                     sub.reset_parameters()
@@ -328,15 +327,16 @@ def _aliases(module: nn.Module) -> dict[str, str]:
     return aliases
 
 
-def _retie(module: nn.Module, like: nn.Module) -> nn.Module:
-    """Make tensors that ``like`` registers under several names one tensor again in
-    ``module`` (its converted copy): ``.to("meta")`` and ``.to_empty`` give each name its
-    own tensor, which would make a tied weight two parameters."""
-    for name, source in _aliases(like).items():
+def _converted(module: nn.Module, convert: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """``convert`` of a copy of ``module``, with its tied tensors tied again: ``.to("meta")``
+    and ``.to_empty`` give each name its own tensor, which would make a tied weight two
+    parameters. ``module`` is not modified."""
+    converted = convert(copy.deepcopy(module))
+    for name, source in _aliases(module).items():
         owner, _, leaf = name.rpartition(".")
         source_owner, _, source_leaf = source.rpartition(".")
-        shared = getattr(module.get_submodule(source_owner), source_leaf)
-        sub = module.get_submodule(owner)
+        shared = getattr(converted.get_submodule(source_owner), source_leaf)
+        sub = converted.get_submodule(owner)
         registry = sub._parameters if leaf in sub._parameters else sub._buffers
         registry[leaf] = shared
-    return module
+    return converted

@@ -1,9 +1,11 @@
 """Wrong params, state or inputs fail before any computation, naming the key and both values."""
 
+import re
+
 import pytest
 import torch
 
-from functorch_diary import TreeMismatchError, models
+from functorch_diary import TreeMismatchError, models, optim
 from functorch_diary.testing import assert_trees_close
 from functorch_diary.tree import tree_clone
 
@@ -60,3 +62,28 @@ def test_non_tensor_leaf_and_non_dict_params():
     assert "expected a tensor" in _apply_expecting_error(dict(PARAMS, **{"fc.0.bias": [0.0]}))
     with pytest.raises(TreeMismatchError, match="must be a dict"):
         MODEL.apply(list(PARAMS.values()), STATE, X)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda g: {k: v for k, v in g.items() if k != "fc.4.bias"}, "missing 'fc.4.bias'"),
+        (
+            lambda g: dict(g, **{"fc.4.bias": torch.zeros(3)}),
+            "grads['fc.4.bias']: expected shape (10,)",
+        ),
+        (
+            lambda g: dict(g, **{"fc.4.bias": torch.zeros(10, dtype=torch.float64)}),
+            "grads['fc.4.bias']: expected dtype torch.float32",
+        ),
+    ],
+    ids=["missing", "shape", "dtype"],
+)
+def test_apply_gradients_names_the_bad_gradient_and_leaves_state_alone(change, expected):
+    opt = optim.adam(1e-3)
+    opt_state = opt.init(PARAMS)
+    grads = change({k: torch.ones_like(v) for k, v in PARAMS.items()})
+    before = tree_clone((PARAMS, grads, opt_state))
+    with pytest.raises(TreeMismatchError, match=re.escape(expected)):
+        optim.apply_gradients(opt, grads, opt_state, PARAMS)
+    assert_trees_close((PARAMS, grads, opt_state), before)

@@ -25,8 +25,12 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple, Protocol
 
+from torch import Tensor
+
+from ..checks import LeafSpec, TreeMismatchError, check_leaves
 from ..tree import PyTree, tree_add
 
 __all__ = [
@@ -95,6 +99,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 "was it made by this optimiser's init?"
             )
         new_state = []
+        # stages may be all but the last transform (update_and_apply runs that one itself).
         for transform, inner in zip(stages, state, strict=False):
             updates, inner = transform.update(updates, inner, params)
             new_state.append(inner)
@@ -123,10 +128,14 @@ def apply_gradients(
 ) -> tuple[PyTree, Any]:
     """One optimiser step: ``(new_params, new_opt_state)``, nothing modified.
 
+    Raises:
+        TreeMismatchError: a gradient's key, shape, dtype or device does not match its
+            param's; the message names the leaf.
+
     The same as ``update`` followed by :func:`apply_updates`, through the optimiser's fused
     ``update_and_apply`` when it has one (the named optimisers do): on the eager path that
-    saves a pass over memory per step, and for SGD, Adam, RMSprop and Adagrad it follows
-    ``torch.optim``'s order of rounding to the bit.
+    saves passes over memory per step, and for Adam, AdamW, Adagrad, and SGD and RMSprop
+    without momentum, it is ``torch.optim``'s ``foreach`` step to the bit.
 
     Example:
         >>> import torch
@@ -138,9 +147,35 @@ def apply_gradients(
         >>> params
         {'w': tensor([0.9000, 2.1000])}
     """
-    if optimizer.update_and_apply is not None:
-        return optimizer.update_and_apply(grads, opt_state, params)
-    return update_then_apply(optimizer.update, grads, opt_state, params)
+    try:
+        if optimizer.update_and_apply is not None:
+            return optimizer.update_and_apply(grads, opt_state, params)
+        return update_then_apply(optimizer.update, grads, opt_state, params)
+    except (RuntimeError, ValueError, TypeError) as error:
+        # Only on the error path: a kernel's "size of tensor a (3) must match ..." does not
+        # say which leaf; checking the grads against the params does.
+        try:
+            _check_grads_like(params, grads)
+        except TreeMismatchError as mismatch:
+            raise mismatch from error
+        raise
+
+
+def _check_grads_like(params: PyTree, grads: PyTree) -> None:
+    """Raise :class:`TreeMismatchError` naming the first grads leaf that does not have its
+    param's key, shape, dtype or device (flat dicts, the project's params)."""
+    if not isinstance(params, Mapping) or not all(isinstance(p, Tensor) for p in params.values()):
+        return
+    specs = {name: LeafSpec(p.shape, p.dtype) for name, p in params.items()}
+    first = next(iter(params.values()), None)
+    float_dtype = next((p.dtype for p in params.values() if p.is_floating_point()), None)
+    check_leaves(
+        "grads",
+        grads,
+        specs,
+        float_dtype=float_dtype,
+        device=None if first is None else first.device,
+    )
 
 
 def update_then_apply(

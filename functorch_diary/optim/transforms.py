@@ -294,13 +294,9 @@ def scale_by_adam(
         return _like(spec, direction), new_state(count, spec, mu, nu, nu_max)
 
     def update_and_apply(updates: PyTree, state: ScaleByAdamState, params: PyTree):
-        grads, spec = _flatten(updates)
-        base = spec.flatten_up_to(params) if grads else []
-        # Tiles are a CPU cache optimisation; elsewhere foreach kernels are the fast path.
-        eager = fused.runs_on(base) and eager_leaves(grads, base, tree_leaves(state))
-        done = host_number(state.count) if eager else None
-        lr = _lr_number(learning_rate, state.count) if eager else None
-        if done is None or lr is None:
+        grads, spec, base, lr = _fast_path_inputs(updates, state, params, learning_rate)
+        done = host_number(state.count) if lr is not None else None
+        if done is None:
             return update_then_apply(update, updates, state, params)
         new_params, mu, nu, nu_max = fused.adam(
             base,
@@ -318,6 +314,18 @@ def scale_by_adam(
         return _like(spec, new_params), new_state(state.count + 1, spec, mu, nu, nu_max)
 
     return GradientTransformation(init, update, update_and_apply if learning_rate else None)
+
+
+def _quotient(
+    grads: list[Tensor], denom: list[Tensor], learning_rate: ScalarOrSchedule | None, count
+) -> list[Tensor]:
+    """``g / denom``, or with a learning rate the whole update ``(-lr * g) / denom``: the
+    numerator first, as torch's RMSprop (``addcdiv``) and Adagrad (``g * -clr``) round it."""
+    if learning_rate is None:
+        return torch._foreach_div(grads, denom)
+    direction = torch._foreach_mul(grads, _as_dtype(-_lr_at(learning_rate, count), grads))
+    torch._foreach_div_(direction, denom)
+    return direction
 
 
 class ScaleByRmsState(NamedTuple):
@@ -391,21 +399,11 @@ def scale_by_rms(
         if not grads:
             return updates, state._replace(count=state.count + 1) if counted else state
         new_state, avg = averages(grads, state, spec)
-        if counted:
-            # torch's addcdiv: (-lr * g) / avg.
-            minus_lr = _as_dtype(-_lr_at(learning_rate, state.count), grads)
-            direction = torch._foreach_mul(grads, minus_lr)
-            torch._foreach_div_(direction, avg)
-        else:
-            direction = torch._foreach_div(grads, avg)
+        direction = _quotient(grads, avg, learning_rate, state.count)
         return _like(spec, direction), new_state
 
     def update_and_apply(updates: PyTree, state: ScaleByRmsState, params: PyTree):
-        grads, spec = _flatten(updates)
-        base = spec.flatten_up_to(params) if grads else []
-        # Tiles are a CPU cache optimisation; elsewhere foreach kernels are the fast path.
-        eager = fused.runs_on(base) and eager_leaves(grads, base, tree_leaves(state))
-        lr = _lr_number(learning_rate, state.count) if eager else None
+        grads, spec, base, lr = _fast_path_inputs(updates, state, params, learning_rate)
         if lr is None:
             return update_then_apply(update, updates, state, params)
         grad_avg = tree_leaves(state.grad_avg) if centered else None
@@ -471,21 +469,10 @@ def scale_by_rss(
         if not grads:
             return updates, state._replace(count=state.count + 1) if counted else state
         new_state, std = sums(grads, state, spec)
-        if counted:
-            # torch's numerator g * -clr, then addcdiv with value 1.
-            minus_lr = _as_dtype(-_lr_at(learning_rate, state.count), grads)
-            direction = torch._foreach_mul(grads, minus_lr)
-            torch._foreach_div_(direction, std)
-        else:
-            direction = torch._foreach_div(grads, std)
-        return _like(spec, direction), new_state
+        return _like(spec, _quotient(grads, std, learning_rate, state.count)), new_state
 
     def update_and_apply(updates: PyTree, state: ScaleByRssState, params: PyTree):
-        grads, spec = _flatten(updates)
-        base = spec.flatten_up_to(params) if grads else []
-        # Tiles are a CPU cache optimisation; elsewhere foreach kernels are the fast path.
-        eager = fused.runs_on(base) and eager_leaves(grads, base, tree_leaves(state))
-        lr = _lr_number(learning_rate, state.count) if eager else None
+        grads, spec, base, lr = _fast_path_inputs(updates, state, params, learning_rate)
         if lr is None:
             return update_then_apply(update, updates, state, params)
         new_params, total = fused.adagrad(
@@ -551,9 +538,25 @@ def _lr_at(learning_rate: ScalarOrSchedule, count: Tensor) -> Tensor:
     return torch.as_tensor(learning_rate, dtype=torch.float64, device=count.device)
 
 
-def _lr_number(learning_rate: ScalarOrSchedule, count: Tensor) -> float | None:
-    """The lr at ``count`` as a Python number, or ``None`` where reading it is not free."""
-    return host_number(_lr_at(learning_rate, count) if callable(learning_rate) else learning_rate)
+def _fast_path_inputs(
+    updates: PyTree,
+    state: NamedTuple,
+    params: PyTree,
+    learning_rate: ScalarOrSchedule,
+    *,
+    tiled: bool = True,
+) -> tuple[list[Tensor], optree.PyTreeSpec, list[Tensor], float | None]:
+    """What a fused ``update_and_apply`` starts from: the update and param leaves, their
+    structure, and the lr at ``state.count`` as a Python number, which is ``None`` where the
+    fast path may not run (see :mod:`.fast_path`; tiled steps run on the CPU only)."""
+    grads, spec = _flatten(updates)
+    base = spec.flatten_up_to(params) if grads else []
+    # Tiles are a CPU cache optimisation; elsewhere foreach kernels are the fast path. The
+    # checks come before reading any number: a read would break a graph under compile.
+    if (tiled and not fused.runs_on(base)) or not eager_leaves(grads, base, tree_leaves(state)):
+        return grads, spec, base, None
+    lr = _lr_at(learning_rate, state.count) if callable(learning_rate) else learning_rate
+    return grads, spec, base, host_number(lr)
 
 
 def track_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransformation:
@@ -632,10 +635,9 @@ def scale_by_learning_rate(
         return _like(spec, torch._foreach_mul(grads, factor)), advance(state)
 
     def update_and_apply(updates: PyTree, state: ScaleByLearningRateState, params: PyTree):
-        grads, spec = _flatten(updates)
-        base = spec.flatten_up_to(params) if grads else []
-        eager = eager_leaves(grads, base, tree_leaves(state))  # first: numbers break graphs
-        lr = host_number(state.lr if callable(learning_rate) else learning_rate) if eager else None
+        grads, spec, base, lr = _fast_path_inputs(
+            updates, state, params, learning_rate, tiled=False
+        )
         if lr is None:
             return update_then_apply(update, updates, state, params)
         # torch.optim.SGD's last kernel: params + (-lr) * updates, one pass.
