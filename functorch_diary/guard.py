@@ -41,7 +41,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .optim.base import GradientTransformation
+from .optim.base import GradientTransformation, apply_gradients
 from .train import TrainState
 from .tree import PyTree, tree_flatten_with_paths, tree_leaves, tree_map
 
@@ -135,7 +135,8 @@ def apply_if_finite(
         zero = torch.zeros((), dtype=torch.int64, device=device)
         return FiniteGuardState(inner.init(params), zero, zero.clone())
 
-    def update(grads: PyTree, state: FiniteGuardState, params: PyTree | None = None):
+    def check(grads: PyTree, state: FiniteGuardState) -> Tensor:
+        """Whether ``grads`` are all finite (0-dim bool), raising in ``"raise"`` mode."""
         if not isinstance(state, FiniteGuardState):
             raise TypeError(
                 f"apply_if_finite got a {type(state).__name__} state; initialise the TrainState "
@@ -144,17 +145,31 @@ def apply_if_finite(
         ok = all_finite(grads)
         if on_nonfinite == "raise" and not bool(ok):
             _raise_nonfinite(grads, "the gradient")
-        # inner runs on every step (no Python branch): its outputs are discarded when not ok.
-        updates, inner_state = inner.update(grads, state.inner, params)
-        updates = tree_map(lambda u: torch.where(ok, u, torch.zeros_like(u)), updates)
+        return ok
+
+    def guarded(ok: Tensor, state: FiniteGuardState, inner_state: Any) -> FiniteGuardState:
         bad = (~ok).to(torch.int64)
-        return updates, FiniteGuardState(
+        return FiniteGuardState(
             _select(ok, inner_state, state.inner),
             state.skipped + bad,
             (state.consecutive + 1) * bad,
         )
 
-    return GradientTransformation(init, update)
+    # inner runs on every step (no Python branch): its outputs are discarded when not ok.
+    def update(grads: PyTree, state: FiniteGuardState, params: PyTree | None = None):
+        ok = check(grads, state)
+        updates, inner_state = inner.update(grads, state.inner, params)
+        updates = tree_map(lambda u: torch.where(ok, u, torch.zeros_like(u)), updates)
+        return updates, guarded(ok, state, inner_state)
+
+    # apply_gradients takes inner's fused step, so a guarded step that applies is the
+    # unguarded one to the bit.
+    def update_and_apply(grads: PyTree, state: FiniteGuardState, params: PyTree):
+        ok = check(grads, state)
+        new_params, inner_state = apply_gradients(inner, grads, state.inner, params)
+        return _select(ok, new_params, params), guarded(ok, state, inner_state)
+
+    return GradientTransformation(init, update, update_and_apply)
 
 
 def guard_train_step(

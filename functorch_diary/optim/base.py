@@ -9,8 +9,8 @@ A transformation may also carry ``update_and_apply(grads, opt_state, params) ->
 (new_params, opt_state)``: the same step with the update folded into the new params, the
 way ``torch.optim`` folds it into its last in-place kernel. :func:`apply_gradients` uses it
 when present. It exists for eager speed: an out-of-place update costs an extra pass over
-memory per step, which the fused form avoids by writing the new params into a temporary it
-made itself (never into an argument).
+memory per step, which the fused form avoids by writing the new params directly, into
+tensors it made itself (never into an argument).
 
 Example:
     >>> import torch
@@ -133,9 +133,10 @@ def apply_gradients(
             param's; the message names the leaf.
 
     The same as ``update`` followed by :func:`apply_updates`, through the optimiser's fused
-    ``update_and_apply`` when it has one (the named optimisers do): on the eager path that
-    saves passes over memory per step, and for Adam, AdamW, Adagrad, and SGD and RMSprop
-    without momentum, it is ``torch.optim``'s ``foreach`` step to the bit.
+    ``update_and_apply`` when it has one (the named optimisers do): on the eager CPU path
+    that saves passes over memory per step, and it is ``torch.optim``'s step to the bit:
+    the ``fused=True`` step for SGD, Adam, AdamW and Adagrad (it runs torch's fused kernels
+    on copies), the ``foreach=True`` step for RMSprop without momentum.
 
     Example:
         >>> import torch

@@ -16,12 +16,21 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from ..tree import PyTree, tree_leaves
+from . import fused
 from .base import GradientTransformation, chain
+from .fast_path import host_number
 from .transforms import (
     ScalarOrSchedule,
+    TraceState,
+    _advance,
+    _fast_path_inputs,
+    _like,
     _lr_at,
     add_decayed_weights,
     scale,
@@ -74,7 +83,36 @@ def sgd(
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     # Plain momentum hands its buffer (its state) on; Nesterov's output is new.
     fresh = nesterov if momentum != 0.0 else decayed
-    return chain(*stages, scale_by_learning_rate(lr, fresh_updates=fresh))
+    chained = chain(*stages, scale_by_learning_rate(lr, fresh_updates=fresh))
+    options = dict(momentum=momentum, dampening=dampening, nesterov=nesterov)
+    options |= dict(weight_decay=weight_decay, maximize=maximize)
+
+    def update_and_apply(updates: PyTree, state: tuple[Any, ...], params: PyTree):
+        """torch's fused SGD kernel for the whole chain, on the CPU in plain eager code;
+        elsewhere the chain's own step (whose last kernel is fused with the apply)."""
+        if not (isinstance(state, tuple) and len(state) == len(stages) + 1):
+            return chained.update_and_apply(updates, state, params)  # it names the problem
+        *head, lr_state = state
+        buffers = head[-1] if momentum != 0.0 else None
+        read = (buffers.trace,) if buffers is not None else ()
+        grads, spec, base, now = _fast_path_inputs(updates, lr_state, params, lr, read)
+        # Read a count only once the fast path is known to run: under compile it would break.
+        steps_taken = host_number(buffers.count) if now is not None and buffers is not None else 0
+        if now is None or steps_taken is None:
+            return chained.update_and_apply(updates, state, params)
+        new_params, new_buffers = fused.sgd(
+            base,
+            grads,
+            tree_leaves(buffers.trace) if buffers is not None else None,
+            lr=now,
+            first_step=steps_taken == 0,
+            **options,
+        )
+        if buffers is not None:
+            head[-1] = TraceState(buffers.count + 1, _like(spec, new_buffers))
+        return _like(spec, new_params), (*head, _advance(lr_state, lr))
+
+    return chained._replace(update_and_apply=update_and_apply)
 
 
 def adam(

@@ -294,7 +294,8 @@ def scale_by_adam(
         return _like(spec, direction), new_state(count, spec, mu, nu, nu_max)
 
     def update_and_apply(updates: PyTree, state: ScaleByAdamState, params: PyTree):
-        grads, spec, base, lr = _fast_path_inputs(updates, state, params, learning_rate)
+        read = (state.mu, state.nu, state.nu_max) if amsgrad else (state.mu, state.nu)
+        grads, spec, base, lr = _fast_path_inputs(updates, state, params, learning_rate, read)
         done = host_number(state.count) if lr is not None else None
         if done is None:
             return update_then_apply(update, updates, state, params)
@@ -403,7 +404,8 @@ def scale_by_rms(
         return _like(spec, direction), new_state
 
     def update_and_apply(updates: PyTree, state: ScaleByRmsState, params: PyTree):
-        grads, spec, base, lr = _fast_path_inputs(updates, state, params, learning_rate)
+        read = (state.square_avg, state.grad_avg) if centered else (state.square_avg,)
+        grads, spec, base, lr = _fast_path_inputs(updates, state, params, learning_rate, read)
         if lr is None:
             return update_then_apply(update, updates, state, params)
         grad_avg = tree_leaves(state.grad_avg) if centered else None
@@ -472,7 +474,8 @@ def scale_by_rss(
         return _like(spec, _quotient(grads, std, learning_rate, state.count)), new_state
 
     def update_and_apply(updates: PyTree, state: ScaleByRssState, params: PyTree):
-        grads, spec, base, lr = _fast_path_inputs(updates, state, params, learning_rate)
+        read = (state.sum_of_squares,)
+        grads, spec, base, lr = _fast_path_inputs(updates, state, params, learning_rate, read)
         if lr is None:
             return update_then_apply(update, updates, state, params)
         new_params, total = fused.adagrad(
@@ -538,22 +541,35 @@ def _lr_at(learning_rate: ScalarOrSchedule, count: Tensor) -> Tensor:
     return torch.as_tensor(learning_rate, dtype=torch.float64, device=count.device)
 
 
+def _advance(
+    state: ScaleByLearningRateState, learning_rate: ScalarOrSchedule
+) -> ScaleByLearningRateState:
+    """The learning-rate state after one more step."""
+    count = state.count + 1
+    next_lr = _lr_at(learning_rate, count) if callable(learning_rate) else state.lr
+    return ScaleByLearningRateState(count, next_lr)
+
+
 def _fast_path_inputs(
     updates: PyTree,
     state: NamedTuple,
     params: PyTree,
     learning_rate: ScalarOrSchedule,
-    *,
-    tiled: bool = True,
+    kernel_state: tuple[PyTree, ...] | None = None,
 ) -> tuple[list[Tensor], optree.PyTreeSpec, list[Tensor], float | None]:
     """What a fused ``update_and_apply`` starts from: the update and param leaves, their
     structure, and the lr at ``state.count`` as a Python number, which is ``None`` where the
-    fast path may not run (see :mod:`.fast_path`; tiled steps run on the CPU only)."""
+    fast path may not run (see :mod:`.fast_path`).
+
+    ``kernel_state``: the state trees a :mod:`.fused` CPU step reads leaf by leaf with the
+    params, or ``None`` for a stage whose fast path is ``foreach`` kernels (any device)."""
     grads, spec = _flatten(updates)
     base = spec.flatten_up_to(params) if grads else []
-    # Tiles are a CPU cache optimisation; elsewhere foreach kernels are the fast path. The
-    # checks come before reading any number: a read would break a graph under compile.
-    if (tiled and not fused.runs_on(base)) or not eager_leaves(grads, base, tree_leaves(state)):
+    # The checks come before reading any number: a read would break a graph under compile.
+    columns = [tree_leaves(tree) for tree in kernel_state or ()]
+    if kernel_state is not None and not fused.runs_on(base, grads, *columns):
+        return grads, spec, base, None
+    if not eager_leaves(grads, base, tree_leaves(state), *columns):
         return grads, spec, base, None
     lr = _lr_at(learning_rate, state.count) if callable(learning_rate) else learning_rate
     return grads, spec, base, host_number(lr)
@@ -618,30 +634,24 @@ def scale_by_learning_rate(
         count = _zero_count(params)
         return ScaleByLearningRateState(count, _lr_at(learning_rate, count))
 
-    def advance(state: ScaleByLearningRateState) -> ScaleByLearningRateState:
-        count = state.count + 1
-        next_lr = _lr_at(learning_rate, count) if callable(learning_rate) else state.lr
-        return ScaleByLearningRateState(count, next_lr)
-
     def update(updates: PyTree, state: ScaleByLearningRateState, params: PyTree | None = None):
         grads, spec = _flatten(updates)
         if not grads:
-            return updates, advance(state)
+            return updates, _advance(state, learning_rate)
         # A constant lr stays a Python float: the cheapest foreach overload.
         factor = _as_dtype(-state.lr, grads) if callable(learning_rate) else -learning_rate
         if fresh_updates:
             torch._foreach_mul_(grads, factor)
-            return updates, advance(state)
-        return _like(spec, torch._foreach_mul(grads, factor)), advance(state)
+            return updates, _advance(state, learning_rate)
+        return _like(spec, torch._foreach_mul(grads, factor)), _advance(state, learning_rate)
 
     def update_and_apply(updates: PyTree, state: ScaleByLearningRateState, params: PyTree):
-        grads, spec, base, lr = _fast_path_inputs(
-            updates, state, params, learning_rate, tiled=False
-        )
+        grads, spec, base, lr = _fast_path_inputs(updates, state, params, learning_rate)
         if lr is None:
             return update_then_apply(update, updates, state, params)
         # torch.optim.SGD's last kernel: params + (-lr) * updates, one pass.
-        return _like(spec, torch._foreach_add(base, grads, alpha=-lr)), advance(state)
+        new_params = torch._foreach_add(base, grads, alpha=-lr)
+        return _like(spec, new_params), _advance(state, learning_rate)
 
     return GradientTransformation(init, update, update_and_apply)
 
