@@ -238,9 +238,10 @@ def test_real_model_rmsprop_wgan_critic_steps_match_torch():
     ],
 )
 def test_fused_path_keeps_each_leaf_s_layout_bit_for_bit(name, kwargs):
-    """torch's fused kernels index raw memory: a channels_last param, a transposed one and a
-    strided view each keep their layout, and gradients laid out differently from their
-    param (contiguous here, as a user may pass them) are read element by element right."""
+    """torch's fused kernels index raw memory: a channels_last param and a transposed one
+    keep their layout, a strided view comes back dense, and gradients laid out differently
+    from their param (contiguous here, as a user may pass them) are read element by element
+    right."""
     gen = torch.Generator().manual_seed(0)
     params = {
         "nhwc": torch.randn(8, 3, 5, 5, generator=gen).to(memory_format=torch.channels_last),
@@ -256,6 +257,7 @@ def test_fused_path_keeps_each_leaf_s_layout_bit_for_bit(name, kwargs):
     assert_trees_close(actual, expected, rtol=0.0, atol=0.0)
     assert actual["nhwc"].is_contiguous(memory_format=torch.channels_last)
     assert actual["transposed"].stride() == params["transposed"].stride()
+    assert actual["strided"].is_contiguous()
 
 
 @pytest.mark.parametrize("path", ["update", "fused"])

@@ -2,7 +2,8 @@
 
 Each takes the same arguments, with the same defaults, as its ``torch.optim`` twin;
 ``lr`` may also be a schedule ``step -> lr``. ``maximize=True`` negates the gradient
-first, exactly where torch does.
+first, exactly where torch does. Eager on a CPU, :func:`~functorch_diary.optim.apply_gradients`
+runs SGD, Adam, AdamW and Adagrad through torch's fused kernels (:mod:`.fused`).
 
 Example:
     >>> import torch
@@ -84,8 +85,13 @@ def sgd(
     # Plain momentum hands its buffer (its state) on; Nesterov's output is new.
     fresh = nesterov if momentum != 0.0 else decayed
     chained = chain(*stages, scale_by_learning_rate(lr, fresh_updates=fresh))
-    options = dict(momentum=momentum, dampening=dampening, nesterov=nesterov)
-    options |= dict(weight_decay=weight_decay, maximize=maximize)
+    options = {
+        "momentum": momentum,
+        "dampening": dampening,
+        "nesterov": nesterov,
+        "weight_decay": weight_decay,
+        "maximize": maximize,
+    }
 
     def update_and_apply(updates: PyTree, state: tuple[Any, ...], params: PyTree):
         """torch's fused SGD kernel for the whole chain, on the CPU in plain eager code;
