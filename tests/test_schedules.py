@@ -114,8 +114,11 @@ def _mlp() -> nn.Module:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("path", ["update", "fused"])
 @pytest.mark.parametrize(("name", "make_scheduler", "schedule"), CASES, ids=IDS)
-def test_params_after_50_scheduled_steps_of_a_real_model(name, make_scheduler, schedule):
+def test_params_after_50_scheduled_steps_of_a_real_model(name, make_scheduler, schedule, path):
+    """``path``: ``update`` + ``apply_updates``, or ``apply_gradients`` (what the train step
+    calls: torch's fused SGD kernel, reading the scheduled lr of each step)."""
     gen = torch.Generator().manual_seed(1)
     batches = [
         (
@@ -140,8 +143,12 @@ def test_params_after_50_scheduled_steps_of_a_real_model(name, make_scheduler, s
     opt = optim.sgd(schedule, momentum=0.9, weight_decay=1e-3)
     state = opt.init(params)
     for x, y in batches:
-        updates, state = opt.update(grad(loss)(params, x, y), state, params)
-        params = optim.apply_updates(params, updates)
+        grads = grad(loss)(params, x, y)
+        if path == "fused":
+            params, state = optim.apply_gradients(opt, grads, state, params)
+        else:
+            updates, state = opt.update(grads, state, params)
+            params = optim.apply_updates(params, updates)
     assert_trees_close(params, dict(module.named_parameters()), rtol=1e-10, atol=1e-10)
     assert float(optim.current_lr(state)) == pytest.approx(
         torch_opt.param_groups[0]["lr"], rel=1e-10
