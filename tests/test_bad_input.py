@@ -73,14 +73,30 @@ def test_non_tensor_leaf_and_non_dict_params():
             "grads['fc.4.bias']: expected shape (10,)",
         ),
         (
+            # Broadcasting would run the step: it must not.
+            lambda g: dict(g, **{"fc.4.bias": torch.zeros(1)}),
+            "grads['fc.4.bias']: expected shape (10,), got (1,)",
+        ),
+        (
+            # Type promotion would turn the param into float64: it must not.
             lambda g: dict(g, **{"fc.4.bias": torch.zeros(10, dtype=torch.float64)}),
             "grads['fc.4.bias']: expected dtype torch.float32",
         ),
     ],
-    ids=["missing", "shape", "dtype"],
+    ids=["missing", "shape", "broadcastable", "dtype"],
 )
-def test_apply_gradients_names_the_bad_gradient_and_leaves_state_alone(change, expected):
-    opt = optim.adam(1e-3)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optim.sgd(0.1, momentum=0.9),
+        lambda: optim.adam(1e-3),
+        lambda: optim.rmsprop(1e-2),
+        lambda: optim.adagrad(0.1),
+    ],
+    ids=["sgd", "adam", "rmsprop", "adagrad"],
+)
+def test_apply_gradients_names_the_bad_gradient_and_leaves_state_alone(make, change, expected):
+    opt = make()
     opt_state = opt.init(PARAMS)
     grads = change({k: torch.ones_like(v) for k, v in PARAMS.items()})
     before = tree_clone((PARAMS, grads, opt_state))

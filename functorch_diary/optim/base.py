@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, Protocol
 
 from torch import Tensor
 
-from ..checks import LeafSpec, TreeMismatchError, check_leaves
+from ..checks import LeafSpec, check_leaves
 from ..tree import PyTree, tree_add
 
 __all__ = [
@@ -130,7 +130,8 @@ def apply_gradients(
 
     Raises:
         TreeMismatchError: a gradient's key, shape, dtype or device does not match its
-            param's; the message names the leaf.
+            param's (even where broadcasting or type promotion would let the step run);
+            the message names the leaf.
 
     The same as ``update`` followed by :func:`apply_updates`, through the optimiser's fused
     ``update_and_apply`` when it has one (the named optimisers do): on the eager CPU path
@@ -148,18 +149,27 @@ def apply_gradients(
         >>> params
         {'w': tensor([0.9000, 2.1000])}
     """
-    try:
-        if optimizer.update_and_apply is not None:
-            return optimizer.update_and_apply(grads, opt_state, params)
-        return update_then_apply(optimizer.update, grads, opt_state, params)
-    except (RuntimeError, ValueError, TypeError) as error:
-        # Only on the error path: a kernel's "size of tensor a (3) must match ..." does not
-        # say which leaf; checking the grads against the params does.
-        try:
-            _check_grads_like(params, grads)
-        except TreeMismatchError as mismatch:
-            raise mismatch from error
-        raise
+    if not _grads_fit(params, grads):
+        # Checked before the step: broadcasting or type promotion would run it on the wrong
+        # tree, and a kernel's "size of tensor a (3) must match ..." names no leaf.
+        _check_grads_like(params, grads)
+    if optimizer.update_and_apply is not None:
+        return optimizer.update_and_apply(grads, opt_state, params)
+    return update_then_apply(optimizer.update, grads, opt_state, params)
+
+
+def _grads_fit(params: PyTree, grads: PyTree) -> bool:
+    """Whether every gradient has its param's key, shape, dtype and device (flat dicts, the
+    project's params; other trees are left to the optimiser). A few attribute reads per
+    leaf: cheap enough for every step, where :func:`_check_grads_like` builds messages."""
+    if not isinstance(params, Mapping) or not all(isinstance(p, Tensor) for p in params.values()):
+        return True
+    if not isinstance(grads, Mapping) or grads.keys() != params.keys():
+        return False
+    return all(
+        isinstance(g, Tensor) and g.shape == p.shape and g.dtype == p.dtype and g.device == p.device
+        for p, g in ((p, grads[name]) for name, p in params.items())
+    )
 
 
 def _check_grads_like(params: PyTree, grads: PyTree) -> None:
