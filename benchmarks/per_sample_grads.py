@@ -32,7 +32,7 @@ from torch.func import grad
 from torch.nn import functional as F
 
 from functorch_diary import func, models, optim
-from functorch_diary.train import init_train_state, make_train_step
+from functorch_diary.training.step import init_train_state, make_train_step
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

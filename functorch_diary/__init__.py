@@ -2,7 +2,14 @@
 
 Models are pure functions over explicit parameter dicts, optimisers are optax-shaped
 pairs of pure functions, and a training step is one pure function that can be compiled
-as a single graph.
+as a single graph. The subpackages show the architecture:
+
+- :mod:`~functorch_diary.model`: ``Model`` (``init``/``apply``), checks, reparametrisations;
+- :mod:`~functorch_diary.optim`: optimisers, schedules, masks and wrappers;
+- :mod:`~functorch_diary.training`: the step, GAN steps, ``fit``, distributed;
+- :mod:`~functorch_diary.checkpoint`: the safe file format and torch interop;
+- :mod:`~functorch_diary.zoo`: the diaries' networks, layers, losses and style transfer;
+- :mod:`~functorch_diary.data`: bundled and local datasets; :mod:`~functorch_diary.cli`.
 
 Example:
     >>> import torch
@@ -15,37 +22,20 @@ Example:
     1
 """
 
-# ``distributed`` is left out on purpose: ``python -m functorch_diary.distributed`` (the
-# torchrun entry point) must not find itself already imported. Import it explicitly.
-from . import (
-    checkpoint,
-    data,
-    diagnose,
-    features,
-    fit,
-    func,
-    gan,
-    guard,
-    init,
-    layers,
-    losses,
-    models,
-    optim,
-    pretrained,
-    prng,
-    projections,
-    reparam,
-    style,
-    tree,
-)
+from . import checkpoint, data, func, model, optim, prng, training, tree, zoo
 from .checkpoint import CheckpointError
-from .checks import TreeMismatchError
-from .diagnose import LayerError
-from .functional import Model, State, extract
-from .guard import apply_if_finite, guard_train_step
+from .model import LayerError, Model, State, TreeMismatchError, extract
+from .optim import apply_if_finite
 from .testing import assert_trees_close
-from .train import TrainState, init_train_state, make_eval_step, make_train_step
+from .training import (
+    TrainState,
+    guard_train_step,
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+)
 from .tree import Params
+from .zoo import losses, models
 
 __version__ = "0.1.0"
 
@@ -61,26 +51,18 @@ __all__ = [
     "assert_trees_close",
     "checkpoint",
     "data",
-    "diagnose",
     "extract",
-    "features",
-    "fit",
     "func",
-    "gan",
-    "guard",
     "guard_train_step",
-    "init",
     "init_train_state",
-    "layers",
     "losses",
     "make_eval_step",
     "make_train_step",
+    "model",
     "models",
     "optim",
-    "pretrained",
     "prng",
-    "projections",
-    "reparam",
-    "style",
+    "training",
     "tree",
+    "zoo",
 ]

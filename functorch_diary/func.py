@@ -36,9 +36,9 @@ from torch.func import grad, grad_and_value, jacrev, vmap
 from torch.func import jvp as _torch_jvp
 
 from . import prng
-from .functional import Model, State
+from .model.core import Model, State
 from .optim.base import GradientTransformation, apply_gradients
-from .train import LossFn, TrainState, init_train_state
+from .training.step import LossFn, TrainState, init_train_state
 from .tree import Params, PyTree, Selector, select, tree_flatten_with_paths, tree_leaves, tree_map
 from .tree import tree_unflatten_like as _unflatten_like
 

@@ -53,6 +53,7 @@ __all__ = [
     "tree_scale",
     "tree_sub",
     "tree_unflatten_like",
+    "tree_where",
     "tree_zeros_like",
 ]
 
@@ -125,6 +126,18 @@ def tree_zeros_like(tree: PyTree) -> PyTree:
 def tree_clone(tree: PyTree) -> PyTree:
     """A copy of every tensor leaf, so the result shares no storage with ``tree``."""
     return tree_map(lambda leaf: leaf.clone() if isinstance(leaf, Tensor) else leaf, tree)
+
+
+def tree_where(condition: Tensor, a: PyTree, b: PyTree) -> PyTree:
+    """``torch.where(condition, a_leaf, b_leaf)`` leaf by leaf: a choice made with no host
+    sync that keeps the chosen leaves bit for bit (signed zeros included).
+
+    Example:
+        >>> import torch
+        >>> tree_where(torch.tensor(False), {"w": torch.ones(1)}, {"w": torch.tensor([-0.0])})
+        {'w': tensor([-0.])}
+    """
+    return tree_map(lambda x, y: torch.where(condition, x, y) if isinstance(x, Tensor) else x, a, b)
 
 
 def tree_global_norm(tree: PyTree) -> Tensor:

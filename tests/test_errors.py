@@ -14,18 +14,18 @@ from torch import nn
 
 import functorch_diary as fd
 from functorch_diary import checkpoint, optim
-from functorch_diary.checks import TreeMismatchError
-from functorch_diary.diagnose import (
+from functorch_diary.model.checks import TreeMismatchError
+from functorch_diary.model.diagnose import (
     LayerError,
     check_has_forward,
     layers_created_in_forward,
     locate_layer_error,
     stack_batch,
 )
-from functorch_diary.losses import segmentation_cross_entropy
-from functorch_diary.projections import clip_params, project_step
-from functorch_diary.reparam import spectral_norm
+from functorch_diary.model.reparam import spectral_norm
+from functorch_diary.training.projections import clip_params, project_step
 from functorch_diary.tree import tree_clone, tree_leaves
+from functorch_diary.zoo.losses import segmentation_cross_entropy
 
 
 def _versions(tree) -> list[int]:

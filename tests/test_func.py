@@ -13,9 +13,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from functorch_diary import func, models, optim, prng
-from functorch_diary.functional import Model
+from functorch_diary.model.core import Model
 from functorch_diary.testing import assert_trees_close
-from functorch_diary.train import init_train_state, make_train_step
+from functorch_diary.training.step import init_train_state, make_train_step
 from functorch_diary.tree import tree_clone
 
 F64 = {"rtol": 1e-10, "atol": 1e-12}

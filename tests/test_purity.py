@@ -4,13 +4,13 @@ Every named optimiser's ``update`` is checked in ``test_optim_parity.py::test_up
 """
 
 import torch
-from nets import SmallBNNet
 from torch import nn
 from torch.nn import functional as F
 
 from functorch_diary import Model, init_train_state, make_eval_step, make_train_step, optim
 from functorch_diary.testing import assert_trees_close
 from functorch_diary.tree import tree_clone
+from tests.helpers import SmallBNNet
 
 MODEL = Model(lambda: nn.Sequential(SmallBNNet(), nn.Dropout(0.3)))
 BATCH = (torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,)))

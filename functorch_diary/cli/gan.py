@@ -29,12 +29,14 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .. import gan, optim, reparam
+from .. import optim
 from ..data import load_digits
-from ..functional import Model
-from ..models.dcgan import dcgan_discriminator, dcgan_generator
+from ..model import reparam
+from ..model.core import Model
 from ..optim.base import GradientTransformation
-from ..projections import Projection, clip_params
+from ..training import gan
+from ..training.projections import Projection, clip_params
+from ..zoo.models.dcgan import dcgan_discriminator, dcgan_generator
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from ..style import load_vgg19_features, make_style_loss, transfer
+from ..zoo.style import load_vgg19_features, make_style_loss, transfer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..fit import fit
-from ..recipes import RECIPES
+from ..training.fit import fit
+from .recipes import RECIPES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -2,7 +2,7 @@
 
 from .batches import batches
 from .cifar import CIFAR10_FILES, cifar10_split, load_cifar10
-from .digits import load_digits
+from .digits import digits_batch, load_digits
 from .mnist import MNIST_FILES, load_mnist_idx
 from .split import Split
 
@@ -12,6 +12,7 @@ __all__ = [
     "Split",
     "batches",
     "cifar10_split",
+    "digits_batch",
     "load_cifar10",
     "load_digits",
     "load_mnist_idx",

@@ -13,11 +13,12 @@ Example:
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 from torch.nn import functional as F
 
 from .split import Split
 
-__all__ = ["load_digits"]
+__all__ = ["digits_batch", "load_digits"]
 
 
 def load_digits(size: int = 28, test_fraction: float = 0.2, seed: int = 0) -> Split:
@@ -44,3 +45,21 @@ def load_digits(size: int = 28, test_fraction: float = 0.2, seed: int = 0) -> Sp
     n_test = round(len(labels) * test_fraction)
     test, train = order[:n_test], order[n_test:]
     return Split(images[train], labels[train], images[test], labels[test])
+
+
+def digits_batch(
+    step: int, batch_size: int, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """Global batch ``step`` of scikit-learn's handwritten digits (64 features, 10 classes).
+
+    The same on every rank (drawn from a generator seeded by ``seed`` and ``step``), so
+    each rank takes its :func:`shard` of it. The demo's data; no download.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    x = torch.as_tensor(digits.data, dtype=dtype) / 16.0
+    y = torch.as_tensor(digits.target, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    index = torch.randint(0, x.shape[0], (batch_size,), generator=generator)
+    return x[index], y[index]

@@ -22,6 +22,7 @@ from .base import (
     identity,
 )
 from .clipping import clip, clip_by_global_norm
+from .guard import FiniteGuardState, all_finite, apply_if_finite, nonfinite_paths
 from .masking import MultiTransformState, freeze, masked, multi_transform, set_to_zero
 from .optimizers import adagrad, adam, adamw, rmsprop, sgd
 from .schedules import (
@@ -58,6 +59,7 @@ from .transforms import (
 __all__ = [
     "AccumulateState",
     "EmptyState",
+    "FiniteGuardState",
     "GradientTransformation",
     "MultiTransformState",
     "ScaleByAdamState",
@@ -72,7 +74,9 @@ __all__ = [
     "adam",
     "adamw",
     "add_decayed_weights",
+    "all_finite",
     "apply_gradients",
+    "apply_if_finite",
     "apply_updates",
     "chain",
     "clip",
@@ -89,6 +93,7 @@ __all__ = [
     "masked",
     "multi_transform",
     "multistep_lr",
+    "nonfinite_paths",
     "polynomial_lr",
     "rmsprop",
     "scale",

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, Protocol
 
 from torch import Tensor
 
-from ..checks import LeafSpec, check_leaves
+from ..model.checks import LeafSpec, check_leaves
 from ..tree import PyTree, tree_add
 
 __all__ = [

@@ -1,0 +1,18 @@
+"""Training: the one pure step, its compile policy, GAN steps, ensembles, projections, the
+non-finite guard, ``fit`` and data-parallel training."""
+
+from . import distributed, fit, gan, projections
+from .guard import guard_train_step
+from .step import TrainState, init_train_state, make_eval_step, make_train_step
+
+__all__ = [
+    "TrainState",
+    "distributed",
+    "fit",
+    "gan",
+    "guard_train_step",
+    "init_train_state",
+    "make_eval_step",
+    "make_train_step",
+    "projections",
+]

@@ -1,0 +1,440 @@
+"""Checkpoints: round trips, bit-for-bit resume in a new process, crash safety, refusal of
+malicious and damaged files, cross-device loading, and torch.optim state interop."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import pickle
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import nn
+
+import functorch_diary as fd
+from functorch_diary import checkpoint, optim
+from functorch_diary.checkpoint.format import CheckpointError
+from functorch_diary.optim.guard import FiniteGuardState, apply_if_finite
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict[str, str]:
+    # The package's own checkout first, whatever the cwd and the installed copy.
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+def _adam_train_state() -> fd.TrainState:
+    model = fd.Model(lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)))
+    opt = apply_if_finite(optim.adam(1e-2))
+    ts = fd.init_train_state(model, opt, seed=3)
+    step = fd.make_train_step(model, nn.functional.cross_entropy, opt)
+    ts, _ = step(ts, (torch.randn(5, 3), torch.randint(0, 2, (5,))))
+    return ts
+
+
+def _assert_same(actual, expected) -> None:
+    """Bit-for-bit equal trees with the same container types at every node."""
+    assert type(actual) is type(expected)
+    if isinstance(expected, torch.Tensor):
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape
+        assert torch.equal(actual, expected) or (actual.isnan() == expected.isnan()).all()
+    elif isinstance(expected, dict):
+        assert list(actual) == list(expected)
+        for key in expected:
+            _assert_same(actual[key], expected[key])
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected, strict=True):
+            _assert_same(a, e)
+    else:
+        assert actual == expected or (actual != actual and expected != expected)
+
+
+def test_round_trip_train_state_bit_for_bit(tmp_path):
+    ts = _adam_train_state()
+    before = fd.tree.tree_clone(ts)
+    checkpoint.save(tmp_path / "ts.ckpt", ts, metadata={"epoch": 4})
+    fd.assert_trees_close(ts, before)  # saving does not touch the tree
+    back = checkpoint.load(tmp_path / "ts.ckpt")
+    _assert_same(back, ts)
+    assert isinstance(back.opt_state, FiniteGuardState)
+    assert checkpoint.read_metadata(tmp_path / "ts.ckpt") == {"epoch": 4}
+    # Fresh tensors: no memory shared with each other.
+    assert back.params["0.weight"].data_ptr() != back.params["0.bias"].data_ptr()
+
+
+def test_round_trip_every_dtype_and_container(tmp_path):
+    tree = {
+        "dtypes": [
+            torch.arange(6, dtype=d).reshape(2, 3)
+            for d in (
+                torch.float64,
+                torch.float16,
+                torch.bfloat16,
+                torch.int32,
+                torch.int8,
+                torch.uint8,
+            )
+        ],
+        "flags": torch.tensor([True, False]),
+        "complex": torch.randn(3, dtype=torch.complex64),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 4),
+        "strided": torch.arange(12.0).reshape(3, 4).t(),
+        "odict": OrderedDict([("z", 1), ("a", -2.5)]),
+        "nested": ((None, "text", True), [float("inf"), float("nan")]),
+        3: "int key",
+    }
+    checkpoint.save(tmp_path / "t.ckpt", tree)
+    _assert_same(checkpoint.load(tmp_path / "t.ckpt"), tree)
+
+
+class UserState(NamedTuple):
+    a: torch.Tensor
+    b: int
+
+
+def test_user_namedtuple_needs_like_or_registration(tmp_path):
+    checkpoint.save(tmp_path / "u.ckpt", UserState(torch.ones(2), 3))
+    with pytest.raises(CheckpointError, match=r"UserState.*like=.*register_type"):
+        checkpoint.load(tmp_path / "u.ckpt")
+    like = UserState(torch.zeros(2), 0)
+    _assert_same(checkpoint.load(tmp_path / "u.ckpt", like=like), UserState(torch.ones(2), 3))
+    checkpoint.register_type(UserState)
+    _assert_same(checkpoint.load(tmp_path / "u.ckpt"), UserState(torch.ones(2), 3))
+
+
+def test_like_mismatch_names_the_path(tmp_path):
+    ts = _adam_train_state()
+    checkpoint.save(tmp_path / "ts.ckpt", ts)
+    wrong_shape = ts._replace(params={**ts.params, "2.weight": torch.zeros(3, 4)})
+    with pytest.raises(CheckpointError, match=r"params\.2\.weight.*\(2, 4\).*\(3, 4\)"):
+        checkpoint.load(tmp_path / "ts.ckpt", like=wrong_shape)
+    missing = ts._replace(params={k: v for k, v in ts.params.items() if k != "0.bias"})
+    with pytest.raises(CheckpointError, match=r"at params: keys differ.*0\.bias"):
+        checkpoint.load(tmp_path / "ts.ckpt", like=missing)
+    other_opt = ts._replace(opt_state=optim.sgd(0.1).init(ts.params))
+    with pytest.raises(CheckpointError, match=r"at opt_state"):
+        checkpoint.load(tmp_path / "ts.ckpt", like=other_opt)
+
+
+def _rewrite(path: Path, edit) -> None:
+    """Re-pack ``path`` with ``edit(header_dict)`` applied and a valid checksum, as a
+    forger (or a file written on another machine) would."""
+    raw = path.read_bytes()
+    header_len = struct.unpack_from("<Q", raw, 8)[0]
+    header = json.loads(raw[16 : 16 + header_len])
+    edit(header)
+    new_header = json.dumps(header).encode()
+    body = raw[:8] + struct.pack("<Q", len(new_header)) + new_header + raw[16 + header_len : -32]
+    path.write_bytes(body + hashlib.sha256(body).digest())
+
+
+def test_checkpoint_written_on_cuda3_loads_on_cpu(tmp_path):
+    """Seed 004 error 9: the device a tensor was saved from never matters."""
+    path = tmp_path / "gpu.ckpt"
+    checkpoint.save(path, {"w": torch.arange(4.0)})
+
+    def on_cuda3(header):
+        header["tree"]["c"][0]["device"] = "cuda:3"
+
+    _rewrite(path, on_cuda3)
+    assert checkpoint.load(path)["w"].device == torch.device("cpu")
+    assert checkpoint.load(path, device="cpu")["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_checkpoint_loads_on_cpu_and_back(tmp_path):
+    path = tmp_path / "gpu.ckpt"
+    checkpoint.save(path, {"w": torch.arange(4.0, device="cuda")})
+    assert checkpoint.load(path)["w"].device.type == "cpu"
+    like = {"w": torch.zeros(4, device="cuda")}
+    assert checkpoint.load(path, like=like)["w"].device.type == "cuda"
+
+
+class _Evil:
+    """Unpickling this runs ``touch marker``: the classic malicious checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    raw = tmp_path / "evil.pkl"
+    raw.write_bytes(pickle.dumps(_Evil(marker)))
+    zipped = tmp_path / "evil.pth"
+    torch.save({"weight": torch.ones(2), "payload": _Evil(marker)}, zipped)
+    for path in (raw, zipped):
+        with pytest.raises(CheckpointError, match="not a functorch-diary checkpoint"):
+            checkpoint.load(path)
+        with pytest.raises(CheckpointError, match=r"refused|cannot read"):
+            checkpoint.load_torch_file(path)
+    assert not marker.exists()
+    # A plain state_dict saved on any device still loads through the same door.
+    torch.save({"weight": torch.ones(2)}, tmp_path / "ok.pth")
+    assert checkpoint.load_torch_file(tmp_path / "ok.pth")["weight"].tolist() == [1.0, 1.0]
+
+
+def test_forged_header_cannot_name_arbitrary_types(tmp_path):
+    path = tmp_path / "forged.ckpt"
+    checkpoint.save(path, UserState(torch.ones(1), 1))
+
+    def to_os_system(header):
+        header["tree"]["name"] = "os.system"
+
+    _rewrite(path, to_os_system)
+    with pytest.raises(CheckpointError, match=r"os\.system"):
+        checkpoint.load(path)
+
+
+def test_truncated_and_corrupted_files_give_clear_errors(tmp_path):
+    path = tmp_path / "ts.ckpt"
+    checkpoint.save(path, _adam_train_state())
+    raw = path.read_bytes()
+    for cut in (0, 5, 16, 100, len(raw) // 2, len(raw) - 1):
+        path.write_bytes(raw[:cut])
+        with pytest.raises(CheckpointError, match=r"truncated or corrupted|not a functorch-diary"):
+            checkpoint.load(path)
+    for position in (20, len(raw) // 2, len(raw) - 40):
+        flipped = bytearray(raw)
+        flipped[position] ^= 0x01
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(CheckpointError, match="truncated or corrupted"):
+            checkpoint.load(path)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        checkpoint.load(tmp_path / "missing.ckpt")
+
+
+def test_failed_save_keeps_the_old_checkpoint_and_no_temp_file(tmp_path):
+    path = tmp_path / "a.ckpt"
+    checkpoint.save(path, {"w": torch.ones(2)})
+    with pytest.raises(CheckpointError, match=r"at bad: cannot save a object"):
+        checkpoint.save(path, {"w": torch.zeros(2), "bad": object()})
+    assert checkpoint.load(path)["w"].tolist() == [1.0, 1.0]
+    with pytest.raises(CheckpointError, match="metadata must be JSON-serialisable"):
+        checkpoint.save(path, {"w": torch.zeros(2)}, metadata={"when": object()})
+    assert checkpoint.load(path)["w"].tolist() == [1.0, 1.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_sigkill_while_saving_never_leaves_an_unreadable_checkpoint(tmp_path):
+    """A writer process is SIGKILLed at random moments, 24 times; after each kill the
+    latest checkpoint must load and be one of the complete trees that were written."""
+    path = tmp_path / "latest.ckpt"
+    # Built before forking: the child only serialises (no torch kernels after fork).
+    trees = [{"step": k, "w": torch.full((1 << 20,), float(k))} for k in (1, 2)]
+    checkpoint.save(path, trees[0])
+    rng = random.Random(0)
+    kills_mid_write = 0
+    for _ in range(24):
+        pid = os.fork()
+        if pid == 0:  # the writer: save, save, save... until killed
+            try:
+                for i in range(10**9):
+                    checkpoint.save(path, trees[i % 2])
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0.01, 0.12))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        tree = checkpoint.load(path)
+        assert tree["step"] in (1, 2)
+        assert torch.equal(tree["w"], trees[tree["step"] - 1]["w"])
+        temporaries = list(tmp_path.glob(".latest.ckpt.*.tmp"))
+        kills_mid_write += bool(temporaries)
+        for leftover in temporaries:
+            leftover.unlink()
+    assert kills_mid_write > 0, "no kill landed during a write: the test proved nothing"
+
+
+_JOB = '''
+"""Train a small BatchNorm+dropout net with a guarded Adam; resumable from a checkpoint."""
+import sys
+import torch
+from torch import nn
+import functorch_diary as fd
+from functorch_diary import checkpoint, optim
+from functorch_diary.optim.guard import apply_if_finite
+
+
+def build():
+    model = fd.Model(lambda: nn.Sequential(
+        nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3)))
+    opt = apply_if_finite(optim.adam(1e-2, weight_decay=1e-3))
+    return model, opt, fd.make_train_step(model, nn.functional.cross_entropy, opt)
+
+
+def batch(i):
+    g = torch.Generator().manual_seed(1000 + i)
+    return torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+def run(ts, step, stop):
+    while int(ts.step) < stop:
+        ts, _ = step(ts, batch(int(ts.step)))
+    return ts
+
+
+if __name__ == "__main__":
+    source, target, stop, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    torch.set_num_threads(threads)
+    _, _, step = build()
+    checkpoint.save(target, run(checkpoint.load(source), step, stop))
+'''
+
+
+def test_resume_in_a_new_process_is_bit_for_bit(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(_JOB)
+    spec = importlib.util.spec_from_file_location("resume_job", script)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+
+    model, opt, step = job.build()
+    ts = fd.init_train_state(model, opt, seed=7)
+    at_12 = job.run(ts, step, 12)
+    checkpoint.save(tmp_path / "step12.ckpt", at_12)
+    uninterrupted = job.run(at_12, step, 30)
+
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(tmp_path / "step12.ckpt"),
+            str(tmp_path / "step30.ckpt"),
+            "30",
+            str(torch.get_num_threads()),
+        ],
+        check=True,
+        env=_env(),
+        timeout=300,
+    )
+    resumed = checkpoint.load(tmp_path / "step30.ckpt")
+    assert int(resumed.step) == 30
+    fd.assert_trees_close(resumed, uninterrupted)  # rtol = atol = 0: bit for bit
+    _assert_same(resumed, uninterrupted)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.optim interop (seed 000 item 12): continue a run in the other world.
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+
+
+_X = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+_Y = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+OPTIMIZERS = {
+    "sgd": (
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+        lambda: optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    ),
+    "adam": (
+        lambda p: torch.optim.Adam(p, lr=0.05, betas=(0.8, 0.99), weight_decay=1e-2),
+        lambda: optim.adam(0.05, betas=(0.8, 0.99), weight_decay=1e-2),
+    ),
+    "adamw_amsgrad": (
+        lambda p: torch.optim.AdamW(p, lr=0.05, amsgrad=True),
+        lambda: optim.adamw(0.05, amsgrad=True),
+    ),
+    "rmsprop": (
+        lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5, centered=True),
+        lambda: optim.rmsprop(0.01, momentum=0.5, centered=True),
+    ),
+    "adagrad": (
+        lambda p: torch.optim.Adagrad(p, lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1),
+        lambda: optim.adagrad(0.1, lr_decay=0.01, initial_accumulator_value=0.1),
+    ),
+}
+
+
+def _torch_steps(net, topt, n):
+    for _ in range(n):
+        topt.zero_grad()
+        nn.functional.mse_loss(net(_X), _Y).backward()
+        topt.step()
+
+
+def _our_steps(model, opt, ts, n):
+    step = fd.make_train_step(model, nn.functional.mse_loss, opt)
+    for _ in range(n):
+        ts, _ = step(ts, (_X, _Y))
+    return ts
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_torch_optim_state_imports_and_training_continues(name):
+    make_torch, make_ours = OPTIMIZERS[name]
+    net = _net()
+    topt = make_torch(net.parameters())
+    _torch_steps(net, topt, 3)
+    model, params, state = fd.Model.from_module(net)
+    opt = make_ours()
+    sd = topt.state_dict()
+    opt_state = checkpoint.import_optimizer_state(sd, opt.init(params), params)
+    ts = fd.TrainState(params, state, opt_state, torch.tensor(3), fd.prng.key(0))
+    ts = _our_steps(model, opt, ts, 3)
+    _torch_steps(net, topt, 3)
+    fd.assert_trees_close(ts.params, dict(net.named_parameters()), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_our_optimizer_state_exports_to_torch_optim(name):
+    make_torch, make_ours = OPTIMIZERS[name]
+    net = _net()
+    model, params, state = fd.Model.from_module(net)
+    opt = make_ours()
+    ts = _our_steps(model, opt, fd.init_train_state(model, opt, params=params, state=state), 3)
+    net.load_state_dict(model.state_dict(ts.params, ts.state))
+    topt = make_torch(net.parameters())
+    exported = checkpoint.export_optimizer_state(
+        ts.opt_state, ts.params, topt.state_dict()["param_groups"]
+    )
+    topt.load_state_dict(exported)
+    _torch_steps(net, topt, 3)
+    ts = _our_steps(model, opt, ts, 3)
+    fd.assert_trees_close(ts.params, dict(net.named_parameters()), rtol=1e-10, atol=1e-12)
+    # and back: the round trip through torch's format loses nothing
+    again = checkpoint.import_optimizer_state(topt.state_dict(), opt.init(params), params, step=6)
+    fd.assert_trees_close(again, ts.opt_state, rtol=1e-10, atol=1e-12)
+
+
+def test_optimizer_state_mismatch_is_clear():
+    net = _net()
+    topt = torch.optim.Adam(net.parameters())
+    _torch_steps(net, topt, 1)
+    _, params, _ = fd.Model.from_module(net)
+    params["0.weight"] = torch.zeros(3, 3, dtype=torch.float64)
+    with pytest.raises(
+        CheckpointError,
+        match=r"\[0\]\['exp_avg'\] \(param '0\.weight'\): expected shape \(3, 3\), got \(5, 4\)",
+    ):
+        checkpoint.import_optimizer_state(topt.state_dict(), optim.adam().init(params), params)
+    with pytest.raises(CheckpointError, match=r"no torch\.optim equivalent"):
+        checkpoint.export_optimizer_state(
+            apply_if_finite(optim.adam()).init(params), params, topt.state_dict()["param_groups"]
+        )

@@ -1,0 +1,219 @@
+"""Hypothesis draws optimisers, hyperparameters, schedules, masks and parameter shapes; each
+draw is checked against torch (float64, 1e-10) or against an invariant."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.optim import lr_scheduler as sched
+
+from functorch_diary import optim
+from functorch_diary.testing import assert_trees_close
+from functorch_diary.tree import tree_clone, tree_global_norm, tree_paths
+from tests.helpers import TORCH
+
+F64 = {"rtol": 1e-10, "atol": 1e-10}
+
+shapes = st.lists(
+    st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple), min_size=1, max_size=4
+)
+unit = st.floats(0.0, 0.99)
+lrs = st.floats(1e-3, 0.3)
+decays = st.one_of(st.just(0.0), st.floats(1e-4, 0.1))
+epsilons = st.floats(1e-10, 1e-3)
+
+
+@st.composite
+def optimisers(draw):
+    """(name, kwargs) valid for both ``torch.optim.<Name>`` and ``optim.<name>``."""
+    name = draw(st.sampled_from(["sgd", "adam", "adamw", "rmsprop", "adagrad"]))
+    kw = {"lr": draw(lrs), "weight_decay": draw(decays), "maximize": draw(st.booleans())}
+    if name == "sgd":
+        kw["momentum"] = draw(st.one_of(st.just(0.0), unit))
+        kw["nesterov"] = kw["momentum"] > 0 and draw(st.booleans())
+        kw["dampening"] = 0.0 if kw["nesterov"] else draw(st.floats(0.0, 0.5))
+    elif name in ("adam", "adamw"):
+        kw["betas"] = (draw(unit), draw(st.floats(0.5, 0.9999)))
+        kw["eps"] = draw(epsilons)
+        kw["amsgrad"] = draw(st.booleans())
+    elif name == "rmsprop":
+        kw["alpha"] = draw(st.floats(0.5, 0.999))
+        kw["eps"] = draw(epsilons)
+        kw["momentum"] = draw(st.one_of(st.just(0.0), unit))
+        kw["centered"] = draw(st.booleans())
+    else:
+        kw["lr_decay"] = draw(st.one_of(st.just(0.0), st.floats(1e-4, 0.1)))
+        kw["initial_accumulator_value"] = draw(st.floats(0.0, 1.0))
+        kw["eps"] = draw(epsilons)
+    return name, kw
+
+
+def _tree(leaf_shapes, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        f"p{i}": torch.randn(s, generator=gen, dtype=torch.float64)
+        for i, s in enumerate(leaf_shapes)
+    }
+
+
+@settings(max_examples=100, deadline=None)
+@given(optimisers(), shapes, st.integers(1, 5), st.integers(0, 2**16), st.booleans())
+def test_any_optimiser_matches_torch(optimiser, leaf_shapes, steps, seed, fused):
+    """``fused``: step with ``apply_gradients`` instead of ``update`` + ``apply_updates``."""
+    name, kwargs = optimiser
+    params = _tree(leaf_shapes, seed)
+    grads = [_tree(leaf_shapes, seed + 1 + i) for i in range(steps)]
+
+    def torch_run(**implementation: bool) -> dict[str, torch.Tensor]:
+        tensors = [nn.Parameter(v.clone()) for v in params.values()]
+        torch_opt = TORCH[name](tensors, **implementation, **kwargs)
+        for g in grads:
+            for t, gi in zip(tensors, g.values(), strict=True):
+                t.grad = gi.clone()
+            torch_opt.step()
+        return {k: t.detach() for k, t in zip(params, tensors, strict=True)}
+
+    opt = getattr(optim, name)(**kwargs)
+    state = opt.init(params)
+    new = params
+    for g in grads:
+        inputs = (g, state, new)
+        before = tree_clone(inputs)
+        if fused:
+            stepped, state = optim.apply_gradients(opt, g, state, new)
+        else:
+            updates, state = opt.update(g, state, new)
+            stepped = optim.apply_updates(new, updates)
+        assert_trees_close(inputs, before)  # pure: no input is written to, whatever the options
+        new = stepped
+    assert_trees_close(new, torch_run(), **F64)
+    # The fused path runs torch's fused kernel where torch has one: its step, to the bit
+    # (Adagrad's lr_decay aside: the kernel computes the decayed lr in C++).
+    if fused and name != "rmsprop" and not kwargs.get("lr_decay"):
+        assert_trees_close(new, torch_run(fused=True), rtol=0.0, atol=0.0)
+
+
+@st.composite
+def schedules(draw):
+    """(torch scheduler factory, functional schedule) meaning the same thing."""
+    kind = draw(
+        st.sampled_from(
+            ["step", "multistep", "exponential", "cosine", "linear", "poly", "constant"]
+        )
+    )
+    lr = draw(lrs)
+    if kind == "step":
+        size, gamma = draw(st.integers(1, 30)), draw(st.floats(0.1, 1.0))
+        return lr, (lambda o: sched.StepLR(o, size, gamma)), optim.step_lr(lr, size, gamma)
+    if kind == "multistep":
+        stones, gamma = (
+            draw(st.lists(st.integers(1, 59), min_size=1, max_size=4)),
+            draw(st.floats(0.1, 1.0)),
+        )
+        return (
+            lr,
+            (lambda o: sched.MultiStepLR(o, stones, gamma)),
+            optim.multistep_lr(lr, stones, gamma),
+        )
+    if kind == "exponential":
+        gamma = draw(st.floats(0.5, 1.0))
+        return lr, (lambda o: sched.ExponentialLR(o, gamma)), optim.exponential_lr(lr, gamma)
+    if kind == "cosine":
+        t_max, eta_min = draw(st.integers(1, 80)), draw(st.floats(0.0, 1e-3))
+        return (
+            lr,
+            (lambda o: sched.CosineAnnealingLR(o, t_max, eta_min)),
+            optim.cosine_annealing_lr(lr, t_max, eta_min),
+        )
+    if kind == "linear":
+        start, end, total = (
+            draw(st.floats(0.05, 1.0)),
+            draw(st.floats(0.0, 1.0)),
+            draw(st.integers(1, 50)),
+        )
+        return (
+            lr,
+            (lambda o: sched.LinearLR(o, start, end, total)),
+            optim.linear_lr(lr, start, end, total),
+        )
+    if kind == "poly":
+        total, power = draw(st.integers(1, 80)), draw(st.floats(0.5, 3.0))
+        return (
+            lr,
+            (lambda o: sched.PolynomialLR(o, total, power)),
+            optim.polynomial_lr(lr, total, power),
+        )
+    factor, total = draw(st.floats(0.05, 1.0)), draw(st.integers(1, 50))
+    return lr, (lambda o: sched.ConstantLR(o, factor, total)), optim.constant_lr(lr, factor, total)
+
+
+@settings(max_examples=60, deadline=None)
+@given(schedules())
+def test_any_schedule_matches_lr_scheduler_for_60_steps(drawn):
+    lr, make_scheduler, schedule = drawn
+    torch_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = make_scheduler(torch_opt)
+    expected = []
+    for _ in range(60):
+        expected.append(torch_opt.param_groups[0]["lr"])
+        torch_opt.step()
+        scheduler.step()
+    actual = torch.stack([schedule(torch.tensor(t)) for t in range(60)])
+    # torch updates most lrs recursively (lr *= ...): a few ulps apart from the closed form.
+    assert_trees_close(actual, torch.tensor(expected, dtype=torch.float64), rtol=1e-10, atol=1e-14)
+
+
+@settings(max_examples=40, deadline=None)
+@given(optimisers(), shapes, st.data())
+def test_frozen_leaves_never_change_and_hold_no_state(optimiser, leaf_shapes, data):
+    name, kwargs = optimiser
+    params = _tree(leaf_shapes, 0)
+    frozen = data.draw(st.lists(st.sampled_from(list(params)), min_size=1, unique=True))
+    opt = optim.freeze(getattr(optim, name)(**kwargs), frozen)
+    state = opt.init(params)
+    new = params
+    for i in range(3):
+        updates, state = opt.update(_tree(leaf_shapes, i + 1), state, new)
+        new = optim.apply_updates(new, updates)
+    for path in frozen:
+        assert torch.equal(new[path].view(torch.int64), params[path].view(torch.int64)), path
+        assert not [p for p in tree_paths(state) if p.endswith("." + path)], path
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes, st.floats(1e-3, 10.0), st.floats(1e-3, 10.0), st.integers(0, 2**16))
+def test_clip_by_global_norm_matches_torch_and_is_pure(leaf_shapes, scale, max_norm, seed):
+    grads = {k: scale * v for k, v in _tree(leaf_shapes, seed).items()}
+    tensors = [nn.Parameter(torch.zeros_like(g)) for g in grads.values()]
+    for t, g in zip(tensors, grads.values(), strict=True):
+        t.grad = g.clone()
+    torch_norm = torch.nn.utils.clip_grad_norm_(tensors, max_norm)
+    before = tree_clone(grads)
+    clipped, _ = optim.clip_by_global_norm(max_norm).update(grads, optim.EmptyState())
+    assert_trees_close(grads, before)
+    assert_trees_close(clipped, {k: t.grad for k, t in zip(grads, tensors, strict=True)}, **F64)
+    assert math.isclose(float(tree_global_norm(grads)), float(torch_norm), rel_tol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(optimisers(), shapes, st.integers(1, 4), st.integers(0, 2**16))
+def test_accumulating_k_gradients_steps_once_with_their_mean(optimiser, leaf_shapes, k, seed):
+    name, kwargs = optimiser
+    params = _tree(leaf_shapes, seed)
+    micro = [_tree(leaf_shapes, seed + 1 + i) for i in range(k)]
+    mean = {p: sum(g[p] for g in micro) / k for p in params}
+    single = getattr(optim, name)(**kwargs)
+    updates, _ = single.update(mean, single.init(params), params)
+    expected = optim.apply_updates(params, updates)
+
+    acc = optim.accumulate_gradients(getattr(optim, name)(**kwargs), every_k=k)
+    state, new = acc.init(params), params
+    for g in micro:
+        updates, state = acc.update(g, state, new)
+        new = optim.apply_updates(new, updates)
+    assert_trees_close(new, expected, **F64)
+    assert int(state.micro_step) == 0

@@ -1,0 +1,128 @@
+"""Data parallel on torch.distributed (gloo, localhost): 2 ranks with half the batch each
+equal 1 process on the whole batch; a dying rank makes the other fail fast and clearly."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import functorch_diary as fd
+from functorch_diary import checkpoint, data, models, optim
+from functorch_diary.training import distributed
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch built without torch.distributed"
+)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_path):
+    out = tmp_path / "dp.ckpt"
+    # The launcher, as a user runs it: torchrun starts 2 ranks of the module.
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "functorch_diary.cli.distributed", "--steps", "10", "--batch-size", "32",
+         "--optimizer", "adam", "--lr", "0.01", "--dtype", "float64", "--out", str(out)],
+        check=True, env=_env(), cwd=tmp_path, timeout=300, capture_output=True,
+    )  # fmt: skip
+    model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
+    opt = optim.adam(0.01)
+    ts = fd.init_train_state(model, opt, seed=0, dtype=torch.float64)
+    step = fd.make_train_step(model, nn.functional.cross_entropy, opt)
+    for i in range(10):
+        ts, _ = step(ts, data.digits_batch(i, 32, 0, torch.float64))
+    got = checkpoint.load(out)
+    assert checkpoint.read_metadata(out) == {"world_size": 2}
+    assert int(got.step) == 10
+    fd.assert_trees_close(got.params, ts.params, rtol=1e-6, atol=1e-9)
+    fd.assert_trees_close(got.opt_state, ts.opt_state, rtol=1e-6, atol=1e-9)
+
+
+_WORKER = """
+import os, sys, torch
+from torch import nn
+from functorch_diary import data, models, optim
+from functorch_diary.training import distributed
+from functorch_diary.training.step import init_train_state
+
+world = distributed.init_from_env("gloo", timeout_s=float(sys.argv[1]))
+model = models.mlp(in_features=64, hidden=(16,), num_classes=10)
+opt = optim.sgd(0.1)
+ts = init_train_state(model, opt, seed=0)
+step = distributed.make_data_parallel_train_step(model, nn.functional.cross_entropy, opt)
+for i in range(50):
+    if world.rank == 1 and i == 3:
+        os._exit(7)  # dies without a word, as a killed or crashed process does
+    batch = distributed.shard(data.digits_batch(i, 16), world.rank, world.world_size)
+    ts, _ = step(ts, batch)
+print("finished", flush=True)
+"""
+
+
+def test_a_dying_rank_makes_the_other_fail_clearly_and_quickly(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    port, timeout_s = str(_free_port()), 20
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(timeout_s)],
+            env=_env(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+        for rank in range(2)
+    ]
+    _, err1 = procs[1].communicate(timeout=300)
+    died_at = time.monotonic()
+    try:
+        out0, err0 = procs[0].communicate(timeout=3 * timeout_s)
+    finally:
+        procs[0].kill()
+    waited = time.monotonic() - died_at
+    assert procs[1].returncode == 7, err1
+    assert procs[0].returncode != 0 and "finished" not in out0
+    assert "DistributedError: rank 0 of 2: all-reduce of the gradients failed" in err0, err0
+    assert "another rank has probably died" in err0
+    print(f"rank 0 failed {waited:.1f}s after rank 1 died")
+    assert waited < 2 * timeout_s, f"rank 0 took {waited:.1f}s to notice"
+
+
+def test_single_process_helpers_and_errors():
+    tree = {"w": torch.ones(2, 3), "b": torch.zeros(3, dtype=torch.float64)}
+    reduced = distributed.all_reduce_mean(tree)
+    fd.assert_trees_close(reduced, tree)
+    assert reduced["w"].data_ptr() != tree["w"].data_ptr()
+    with pytest.raises(TypeError, match="floating"):
+        distributed.all_reduce_mean({"n": torch.ones(2, dtype=torch.int64)})
+    x, y = torch.arange(8.0).reshape(4, 2), torch.arange(4)
+    assert distributed.shard((x, y), 1, 2)[1].tolist() == [2, 3]
+    with pytest.raises(ValueError, match="does not split evenly over 3 ranks"):
+        distributed.shard((x, y), 0, 3)
+    distributed.assert_in_sync(tree)
+
+
+def test_init_from_env_says_how_to_launch(monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(distributed.DistributedError, match="torchrun --nproc-per-node"):
+        distributed.init_from_env()
