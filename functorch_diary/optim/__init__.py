@@ -13,6 +13,17 @@ Example:
 """
 
 from .accumulate import AccumulateState, accumulate_gradients
+from .averaging import (
+    Averager,
+    AverageState,
+    averaged_model,
+    ema_avg_fn,
+    ema_multi_avg_fn,
+    swa_avg_fn,
+    swa_lr,
+    swa_multi_avg_fn,
+    update_bn,
+)
 from .base import (
     EmptyState,
     GradientTransformation,
@@ -58,6 +69,8 @@ from .transforms import (
 
 __all__ = [
     "AccumulateState",
+    "AverageState",
+    "Averager",
     "EmptyState",
     "FiniteGuardState",
     "GradientTransformation",
@@ -78,12 +91,15 @@ __all__ = [
     "apply_gradients",
     "apply_if_finite",
     "apply_updates",
+    "averaged_model",
     "chain",
     "clip",
     "clip_by_global_norm",
     "constant_lr",
     "cosine_annealing_lr",
     "current_lr",
+    "ema_avg_fn",
+    "ema_multi_avg_fn",
     "exponential_lr",
     "freeze",
     "identity",
@@ -105,6 +121,10 @@ __all__ = [
     "set_to_zero",
     "sgd",
     "step_lr",
+    "swa_avg_fn",
+    "swa_lr",
+    "swa_multi_avg_fn",
     "trace",
     "track_learning_rate",
+    "update_bn",
 ]
