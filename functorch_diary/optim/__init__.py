@@ -34,6 +34,7 @@ from .base import (
 )
 from .clipping import clip, clip_by_global_norm
 from .guard import FiniteGuardState, all_finite, apply_if_finite, nonfinite_paths
+from .lookahead import LookaheadState, lookahead, slow_params
 from .masking import MultiTransformState, freeze, masked, multi_transform, set_to_zero
 from .optimizers import adagrad, adam, adamw, rmsprop, sgd
 from .schedules import (
@@ -74,6 +75,7 @@ __all__ = [
     "EmptyState",
     "FiniteGuardState",
     "GradientTransformation",
+    "LookaheadState",
     "MultiTransformState",
     "ScaleByAdamState",
     "ScaleByLearningRateState",
@@ -106,6 +108,7 @@ __all__ = [
     "join_schedules",
     "lambda_lr",
     "linear_lr",
+    "lookahead",
     "masked",
     "multi_transform",
     "multistep_lr",
@@ -120,6 +123,7 @@ __all__ = [
     "scale_by_schedule",
     "set_to_zero",
     "sgd",
+    "slow_params",
     "step_lr",
     "swa_avg_fn",
     "swa_lr",
