@@ -33,6 +33,7 @@ from .base import (
     identity,
 )
 from .clipping import clip, clip_by_global_norm
+from .dp import DPAggregateState, dp_aggregate, dp_noise_key, make_dp_train_step
 from .guard import FiniteGuardState, all_finite, apply_if_finite, nonfinite_paths
 from .lookahead import LookaheadState, lookahead, slow_params
 from .masking import MultiTransformState, freeze, masked, multi_transform, set_to_zero
@@ -72,6 +73,7 @@ __all__ = [
     "AccumulateState",
     "AverageState",
     "Averager",
+    "DPAggregateState",
     "EmptyState",
     "FiniteGuardState",
     "GradientTransformation",
@@ -100,6 +102,8 @@ __all__ = [
     "constant_lr",
     "cosine_annealing_lr",
     "current_lr",
+    "dp_aggregate",
+    "dp_noise_key",
     "ema_avg_fn",
     "ema_multi_avg_fn",
     "exponential_lr",
@@ -109,6 +113,7 @@ __all__ = [
     "lambda_lr",
     "linear_lr",
     "lookahead",
+    "make_dp_train_step",
     "masked",
     "multi_transform",
     "multistep_lr",
