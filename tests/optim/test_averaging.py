@@ -11,7 +11,7 @@ from torch.optim import swa_utils
 from functorch_diary import Model, extract, optim
 from functorch_diary.optim import averaging
 from functorch_diary.testing import assert_trees_close
-from tests.helpers import SmallBNNet
+from tests.helpers import SmallBNNet, dynamo_counts
 
 # (id, torch AveragedModel keyword arguments, functional averaged_model keyword arguments)
 CASES = [
@@ -181,3 +181,17 @@ def test_update_bn_without_batch_norm_returns_the_state():
     model = Model(lambda: nn.Linear(2, 1))
     params, state = model.init(0)
     assert optim.update_bn(model, params, state, [torch.ones(1, 2)]) is state
+
+
+def test_update_compiles_to_one_graph_for_every_update():
+    averager = optim.averaged_model(multi_avg_fn=optim.ema_multi_avg_fn(0.9), use_buffers=True)
+    params, state = {"w": torch.randn(3, dtype=torch.float64)}, {"n": torch.tensor(2)}
+    eager = compiled_average = averager.init(params, state)
+    compiled = torch.compile(averager.update, fullgraph=True, backend="eager")
+    with dynamo_counts() as seen:
+        for i in range(4):  # n_averaged 0 (the copy), then averages: a tensor, no re-trace
+            current = {"w": params["w"] * i}
+            eager = averager.update(eager, current, state)
+            compiled_average = compiled(compiled_average, current, state)
+    assert seen == {"graphs": 1, "breaks": 0}
+    assert_trees_close(compiled_average, eager)

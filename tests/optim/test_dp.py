@@ -10,7 +10,7 @@ from torch import nn
 
 from functorch_diary import Model, func, init_train_state, optim, prng
 from functorch_diary.testing import assert_trees_close
-from tests.helpers import SmallBNNet
+from tests.helpers import SmallBNNet, dynamo_counts
 
 F64 = {"rtol": 1e-12, "atol": 1e-14}
 CLIP, NOISE = 1.5, 1.1  # per-example norms here run 1.2-3.8: some are clipped, some not
@@ -134,3 +134,16 @@ def test_prng_normal_statistics():
     assert float((ecdf - torch.special.ndtr(flat.sort().values)).abs().max()) < 0.004
     assert float(flat.abs().max()) < 5.8  # the documented tail cut of 24-bit uniforms
     assert prng.normal(key, (3,)).dtype == torch.float32
+
+
+def test_dp_aggregate_compiles_to_one_graph_across_steps():
+    dp = optim.dp_aggregate(1.0, 1.1, key=2)
+    state = eager_state = dp.init({"w": torch.zeros(3)})
+    compiled = torch.compile(dp.update, fullgraph=True, backend="eager")
+    with dynamo_counts() as seen:
+        for i in range(3):
+            grads = {"w": torch.full((4, 3), float(i + 1))}
+            want, eager_state = dp.update(grads, eager_state)
+            got, state = compiled(grads, state)
+            assert_trees_close(got, want)
+    assert seen == {"graphs": 1, "breaks": 0}

@@ -9,6 +9,7 @@ from torch import nn
 
 from functorch_diary import Model, init_train_state, make_train_step, optim
 from functorch_diary.testing import assert_trees_close
+from tests.helpers import dynamo_counts
 
 F64 = {"rtol": 1e-12, "atol": 1e-14}
 
@@ -126,3 +127,19 @@ def test_lookahead_errors():
     opt = optim.lookahead(optim.sgd(0.1), sync_period=2, slow_step_size=0.5)
     with pytest.raises(ValueError, match="needs the fast params"):
         opt.update({"w": torch.ones(1)}, opt.init({"w": torch.ones(1)}))
+
+
+def test_lookahead_update_compiles_to_one_graph_across_syncs():
+    opt = optim.lookahead(optim.sgd(0.1, momentum=0.9), 2, 0.5, reset_state=True)
+    params = {"w": torch.randn(3, dtype=torch.float64)}
+    eager_p, eager_s = compiled_p, compiled_s = params, opt.init(params)
+    compiled = torch.compile(opt.update, fullgraph=True, backend="eager")
+    with dynamo_counts() as seen:
+        for _ in range(4):  # two synchronising and two plain steps, one graph
+            grads = {"w": eager_p["w"].sin()}
+            u, eager_s = opt.update(grads, eager_s, eager_p)
+            eager_p = optim.apply_updates(eager_p, u)
+            u, compiled_s = compiled({"w": compiled_p["w"].sin()}, compiled_s, compiled_p)
+            compiled_p = optim.apply_updates(compiled_p, u)
+    assert seen == {"graphs": 1, "breaks": 0}
+    assert_trees_close((compiled_p, compiled_s), (eager_p, eager_s))
