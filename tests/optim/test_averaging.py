@@ -46,35 +46,50 @@ def _trained_copies(steps: int) -> tuple[nn.Module, list]:
     return net, snapshots
 
 
-# torch's swa multi_avg_fn raises on int buffers (use_buffers=True): tested on its own below.
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# torch's swa multi_avg_fn raises on int buffers (use_buffers=True), and on CUDA the default
+# mean is that function: tested on its own below.
 PAIRS = [
     pytest.param(
-        torch_kwargs, ours, use_buffers, id=f"{name}-{'buffers' if use_buffers else 'params'}"
+        torch_kwargs,
+        ours,
+        use_buffers,
+        device,
+        id=f"{name}-{'buffers' if use_buffers else 'params'}-{device}",
+        marks=[NEEDS_CUDA] if device == "cuda" else [],
     )
     for name, torch_kwargs, ours in CASES
     for use_buffers in (False, True)
-    if not (use_buffers and name == "swa-multi")
+    for device in ("cpu", "cuda")
+    if not (use_buffers and (name == "swa-multi" or (name == "swa" and device == "cuda")))
 ]
 
 
-@pytest.mark.parametrize(("torch_kwargs", "our_kwargs", "use_buffers"), PAIRS)
-def test_averaged_model_matches_torch_update_for_update(torch_kwargs, our_kwargs, use_buffers):
+@pytest.mark.parametrize(("torch_kwargs", "our_kwargs", "use_buffers", "device"), PAIRS)
+def test_averaged_model_matches_torch_update_for_update(
+    torch_kwargs, our_kwargs, use_buffers, device
+):
+    # On CUDA, the default mean is torch's foreach lerp by 1 / (n + 1), on the CPU
+    # avg + (x - avg) / (n + 1): each side must take its device's path to agree.
     _, snapshots = _trained_copies(5)
-    twin_net = SmallBNNet().double()
+    twin_net = SmallBNNet().double().to(device)
     twin = swa_utils.AveragedModel(twin_net, use_buffers=use_buffers, **torch_kwargs)
     averager = optim.averaged_model(use_buffers=use_buffers, **our_kwargs)
     average = averager.init(*extract(twin_net))
     for params, state in snapshots:
+        params = {name: p.to(device) for name, p in params.items()}
+        state = {name: b.to(device) for name, b in state.items()}
         twin_net.load_state_dict({**params, **state})
         twin.update_parameters(twin_net)
         average = averager.update(average, params, state)
         want_params, want_state = extract(twin.module)
-        # Same kernels in the same order: bit for bit (float64; the brief allows 1e-12).
+        # Same kernels in the same order: bit for bit (float64).
         assert_trees_close(average.params, want_params)
         assert_trees_close(average.state, want_state)
         assert int(average.n_averaged) == int(twin.n_averaged)
     # The averages really moved away from the last model (the test could fail).
-    assert not torch.equal(average.params["head.weight"], snapshots[-1][0]["head.weight"])
+    last = snapshots[-1][0]["head.weight"].to(device)
+    assert not torch.equal(average.params["head.weight"], last)
 
 
 def test_swa_multi_on_int_buffers_is_the_truncated_mean_where_torch_raises():
