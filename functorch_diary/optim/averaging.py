@@ -238,6 +238,12 @@ def averaged_model(
                 "averaged_model update: these leaves are not in both the model and the average: "
                 f"{sorted({p for p, _ in current_entries} ^ {p for p, _ in averaged_entries})}"
             )
+        for (path, a), (_, c) in zip(averaged_entries, current_entries, strict=True):
+            if a.shape != c.shape or a.dtype != c.dtype:
+                raise ValueError(
+                    f"averaged_model update: leaf {path!r} is {tuple(c.shape)} {c.dtype}, the "
+                    f"average's is {tuple(a.shape)} {a.dtype}; init the average from this model"
+                )
         averaged = [leaf for _, leaf in averaged_entries]
         current = [
             c.detach().to(a.device) for a, (_, c) in zip(averaged, current_entries, strict=True)

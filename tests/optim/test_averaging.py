@@ -143,6 +143,10 @@ def test_averaged_model_errors():
     average = averager.init({"w": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"not in both.*params\.v"):
         averager.update(average, {"v": torch.zeros(1)})
+    with pytest.raises(
+        ValueError, match=r"leaf 'params\.w' is \(2,\) torch.float32, the average's is \(1,\)"
+    ):
+        averager.update(average, {"w": torch.zeros(2)})
 
 
 def test_private_torch_lists_are_pinned():
