@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.optim import swa_utils
 
@@ -214,3 +216,47 @@ def test_update_compiles_to_one_graph_for_every_update():
             compiled_average = compiled(compiled_average, current, state)
     assert seen == {"graphs": 1, "breaks": 0}
     assert_trees_close(compiled_average, eager)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.floats(1e-3, 1.0),
+    st.floats(1e-4, 0.5),
+    st.integers(0, 12),
+    st.sampled_from(["cos", "linear"]),
+)
+def test_swa_lr_property_matches_swalr(lr, target, anneal_epochs, strategy):
+    param = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=lr)
+    twin = swa_utils.SWALR(
+        opt, swa_lr=target, anneal_epochs=anneal_epochs, anneal_strategy=strategy
+    )
+    schedule = optim.swa_lr(
+        lr, swa_lr=target, anneal_epochs=anneal_epochs, anneal_strategy=strategy
+    )
+    for step in range(anneal_epochs + 3):
+        assert float(schedule(step)) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+        opt.step()
+        twin.step()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(0.0, 0.999), st.booleans(), st.integers(1, 6), st.integers(0, 2**16))
+def test_ema_property_matches_averaged_model(decay, multi, updates, seed):
+    gen = torch.Generator().manual_seed(seed)
+    net = nn.Linear(3, 2).double()
+    if multi:
+        kwargs = {"multi_avg_fn": swa_utils.get_ema_multi_avg_fn(decay)}
+        ours = optim.averaged_model(multi_avg_fn=optim.ema_multi_avg_fn(decay))
+    else:
+        kwargs = {"avg_fn": swa_utils.get_ema_avg_fn(decay)}
+        ours = optim.averaged_model(avg_fn=optim.ema_avg_fn(decay))
+    twin = swa_utils.AveragedModel(net, **kwargs)
+    average = ours.init(*extract(net))
+    for _ in range(updates):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        twin.update_parameters(net)
+        average = ours.update(average, *extract(net))
+    assert_trees_close(average.params, extract(twin.module)[0])

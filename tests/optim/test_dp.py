@@ -4,8 +4,12 @@ statistics; the global generator is never touched."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from functorch_diary import Model, func, init_train_state, optim, prng
@@ -147,3 +151,33 @@ def test_dp_aggregate_compiles_to_one_graph_across_steps():
             got, state = compiled(grads, state)
             assert_trees_close(got, want)
     assert seen == {"graphs": 1, "breaks": 0}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(1, 3), max_size=2).map(tuple), min_size=1, max_size=3),
+    st.integers(1, 5),
+    st.floats(0.05, 5.0),
+    st.floats(0.0, 2.0),
+    st.integers(0, 2**16),
+)
+def test_dp_aggregate_property_equals_the_example_loop(shapes, batch, clip, multiplier, seed):
+    gen = torch.Generator().manual_seed(seed)
+    per_example = {
+        f"p{i}": torch.randn((batch, *s), generator=gen, dtype=torch.float64)
+        for i, s in enumerate(shapes)
+    }
+    dp = optim.dp_aggregate(clip, multiplier, key=seed)
+    state = dp.init({})
+    got, _ = dp.update(per_example, state)
+    names = sorted(per_example)
+    want = {name: torch.zeros(per_example[name].shape[1:], dtype=torch.float64) for name in names}
+    for i in range(batch):
+        norm = math.sqrt(sum(float(per_example[n][i].square().sum()) for n in names))
+        factor = min(1.0, clip / norm)
+        for name in names:
+            want[name] += per_example[name][i] * factor
+    for index, name in enumerate(names):
+        noise = prng.normal(optim.dp_noise_key(state, index), want[name].shape, torch.float64)
+        want[name] = (want[name] + clip * multiplier * noise) / batch
+    assert_trees_close(got, want, **F64)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from functorch_diary import Model, init_train_state, make_train_step, optim
@@ -143,3 +145,36 @@ def test_lookahead_update_compiles_to_one_graph_across_syncs():
             compiled_p = optim.apply_updates(compiled_p, u)
     assert seen == {"graphs": 1, "breaks": 0}
     assert_trees_close((compiled_p, compiled_s), (eager_p, eager_s))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(1, 5),
+    st.floats(0.0, 1.0),
+    st.booleans(),
+    st.floats(0.0, 0.95),
+    st.integers(1, 12),
+    st.integers(0, 2**16),
+)
+def test_lookahead_property_matches_the_imperative_loop(k, alpha, reset, momentum, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    params = {
+        "weight": torch.randn(2, 4, generator=gen, dtype=torch.float64),
+        "bias": torch.randn(2, generator=gen, dtype=torch.float64),
+    }
+    batches = [torch.randn(3, 4, generator=gen, dtype=torch.float64) for _ in range(steps)]
+    want = _imperative(
+        params,
+        batches,
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=momentum),
+        sync_period=k,
+        alpha=alpha,
+        reset_state=reset,
+    )
+    opt = optim.lookahead(optim.sgd(0.1, momentum=momentum), k, alpha, reset_state=reset)
+    state = opt.init(params)
+    for x in batches:
+        grads = torch.func.grad(lambda p, x=x: _loss(p["weight"], p["bias"], x))(params)
+        params, state = optim.apply_gradients(opt, grads, state, params)
+    assert_trees_close(params, want[-1][0], **F64)
+    assert_trees_close(optim.slow_params(state), want[-1][1], **F64)
