@@ -10,6 +10,10 @@ re-derived. The per-example gradients come from
 :func:`~functorch_diary.func.per_sample_grads` (``vmap(grad)``, no loop);
 :func:`make_dp_train_step` wires the two into one training step.
 
+The noise generator is a fast integer hash, not a cryptographic one, and its normals are
+cut at about 5.8 standard deviations (:func:`~functorch_diary.prng.normal`): fine for
+studying DP training, not a certified mechanism for releasing private models.
+
 Example:
     >>> import torch
     >>> from functorch_diary import optim, prng
@@ -69,7 +73,7 @@ def dp_aggregate(
         chain the optimiser after it. Its state is a :class:`DPAggregateState`.
 
     Raises:
-        ValueError: a negative ``l2_norm_clip`` or ``noise_multiplier``; in ``update``, a
+        ValueError: ``l2_norm_clip <= 0`` or ``noise_multiplier < 0``; in ``update``, a
             leaf without the common leading batch axis (the message names it).
     """
     if l2_norm_clip <= 0 or noise_multiplier < 0:
