@@ -102,10 +102,9 @@ def _uniform(mode: KeyedRandomness, what: str, shape: Sequence[int], like: Tenso
 def _standard_normal(
     mode: KeyedRandomness, what: str, shape: Sequence[int], like: Tensor
 ) -> Tensor:
-    # Box-Muller; 1 - u lies in (0, 1], so the log is finite.
-    u1 = _uniform(mode, what, shape, like)
-    u2 = _uniform(mode, what, shape, like)
-    return torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos((2.0 * math.pi) * u2)
+    """N(0, 1) of ``shape`` with ``like``'s floating dtype (float32 for others) and device."""
+    dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+    return prng.normal(mode.next_key(what).to(like.device), tuple(shape), dtype)
 
 
 def _bits63(mode: KeyedRandomness, what: str, shape: Sequence[int], device: torch.device) -> Tensor:

@@ -13,6 +13,17 @@ Example:
 """
 
 from .accumulate import AccumulateState, accumulate_gradients
+from .averaging import (
+    Averager,
+    AverageState,
+    averaged_model,
+    ema_avg_fn,
+    ema_multi_avg_fn,
+    swa_avg_fn,
+    swa_lr,
+    swa_multi_avg_fn,
+    update_bn,
+)
 from .base import (
     EmptyState,
     GradientTransformation,
@@ -22,7 +33,9 @@ from .base import (
     identity,
 )
 from .clipping import clip, clip_by_global_norm
+from .dp import DPAggregateState, dp_aggregate, dp_noise_key, make_dp_train_step
 from .guard import FiniteGuardState, all_finite, apply_if_finite, nonfinite_paths
+from .lookahead import LookaheadState, lookahead, slow_params
 from .masking import MultiTransformState, freeze, masked, multi_transform, set_to_zero
 from .optimizers import adagrad, adam, adamw, rmsprop, sgd
 from .schedules import (
@@ -58,9 +71,13 @@ from .transforms import (
 
 __all__ = [
     "AccumulateState",
+    "AverageState",
+    "Averager",
+    "DPAggregateState",
     "EmptyState",
     "FiniteGuardState",
     "GradientTransformation",
+    "LookaheadState",
     "MultiTransformState",
     "ScaleByAdamState",
     "ScaleByLearningRateState",
@@ -78,18 +95,25 @@ __all__ = [
     "apply_gradients",
     "apply_if_finite",
     "apply_updates",
+    "averaged_model",
     "chain",
     "clip",
     "clip_by_global_norm",
     "constant_lr",
     "cosine_annealing_lr",
     "current_lr",
+    "dp_aggregate",
+    "dp_noise_key",
+    "ema_avg_fn",
+    "ema_multi_avg_fn",
     "exponential_lr",
     "freeze",
     "identity",
     "join_schedules",
     "lambda_lr",
     "linear_lr",
+    "lookahead",
+    "make_dp_train_step",
     "masked",
     "multi_transform",
     "multistep_lr",
@@ -104,7 +128,12 @@ __all__ = [
     "scale_by_schedule",
     "set_to_zero",
     "sgd",
+    "slow_params",
     "step_lr",
+    "swa_avg_fn",
+    "swa_lr",
+    "swa_multi_avg_fn",
     "trace",
     "track_learning_rate",
+    "update_bn",
 ]
