@@ -507,6 +507,7 @@ def _read_verified(path: str | os.PathLike[str]) -> tuple[dict[str, Any], memory
             f"{name!r}: data region is {len(data)} bytes, header says {header['data_nbytes']}"
         )
     _check_leaf_specs(header["leaves"], len(data), name)
+    _check_tensor_references(header["tree"], len(header["leaves"]), name)
     return header, data
 
 
@@ -565,41 +566,63 @@ def _leaf_tensor(spec: dict[str, Any], data: memoryview) -> Tensor:
     return view.clone().view(dtype).reshape(spec["shape"])
 
 
+_CONTAINERS = ("list", "tuple", "namedtuple", "dict", "odict")
+
+
+def _check_tensor_references(tree: Any, count: int, name: str) -> None:
+    """The tree nests at most :data:`MAX_TREE_DEPTH` deep and uses every one of the
+    ``count`` tensor entries exactly once: a second use would be aliasing (two leaves
+    sharing memory, or one megabyte described a thousand times), an unused one is bytes
+    the tree does not explain. Checked before any tensor is built."""
+    used = [False] * count
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, dict):
+            continue  # the decoder names the malformed node and its path
+        if depth > MAX_TREE_DEPTH:
+            raise CheckpointError(f"{name!r}: the tree nests deeper than {MAX_TREE_DEPTH} levels")
+        if node.get("t") == "tensor":
+            index = node.get("i")
+            if type(index) is not int or not 0 <= index < count:
+                raise CheckpointError(
+                    f"{name!r}: tensor index {index!r} outside 0..{count - 1} in the tree"
+                )
+            if used[index]:
+                raise CheckpointError(
+                    f"{name!r}: tensor {index} appears twice in the tree (aliasing is refused: "
+                    "loaded leaves never share memory)"
+                )
+            used[index] = True
+        elif node.get("t") in _CONTAINERS and isinstance(node.get("c"), list):
+            stack.extend((child, depth + 1) for child in node["c"])
+    unused = [i for i, seen in enumerate(used) if not seen]
+    if unused:
+        raise CheckpointError(f"{name!r}: tensors {unused[:10]} are described but not in the tree")
+
+
 class _Decoder:
-    """Rebuilds a tree from its description; each tensor entry is built when the tree
-    reaches it, and only once (a second use would be aliasing, refused)."""
+    """Rebuilds a tree from its description (whose tensor references are checked)."""
 
     def __init__(
         self, specs: list[dict[str, Any]], data: memoryview, has_like: bool, name: str
     ) -> None:
         self.specs, self.data, self.has_like, self.name = specs, data, has_like, name
-        self.used = [False] * len(specs)
 
     def fail(self, where: str, what: str) -> CheckpointError:
         return CheckpointError(f"{self.name!r}: {what} at {where}")
 
-    def tensor(self, node: dict[str, Any], where: str) -> Tensor:
-        index = node.get("i")
-        if type(index) is not int or not 0 <= index < len(self.specs):
-            raise self.fail(where, f"tensor index {index!r} outside 0..{len(self.specs) - 1}")
-        if self.used[index]:
-            raise self.fail(where, f"tensor {index} used a second time (aliasing is refused)")
-        if not isinstance(node.get("device", ""), str):
-            raise self.fail(where, "a device that is not a string")
-        self.used[index] = True
-        return _leaf_tensor(self.specs[index], self.data)
-
-    def decode(self, node: Any, path: str, like: Any, depth: int = 0) -> Any:
+    def decode(self, node: Any, path: str, like: Any) -> Any:
         where = path or "<root>"
-        if depth > MAX_TREE_DEPTH:
-            raise self.fail(where, f"a tree deeper than {MAX_TREE_DEPTH} levels")
         if not isinstance(node, dict) or not isinstance(node.get("t"), str):
             raise self.fail(where, "a malformed tree description")
         kind = node["t"]
         if self.has_like:
             _check_like_kind(kind, node, like, where)
         if kind == "tensor":
-            return self.tensor(node, where)
+            if not isinstance(node.get("device", ""), str):
+                raise self.fail(where, "a device that is not a string")
+            return _leaf_tensor(self.specs[node["i"]], self.data)
         if kind == "none":
             return None
         if kind in ("bool", "int", "str"):
@@ -618,7 +641,7 @@ class _Decoder:
 
         def child(key: Any, index: Any, description: Any) -> Any:
             sub = like[index] if self.has_like else None
-            return self.decode(description, _join(path, key), sub, depth + 1)
+            return self.decode(description, _join(path, key), sub)
 
         if kind in ("list", "tuple"):
             items = [child(i, i, c) for i, c in enumerate(children)]
@@ -726,11 +749,7 @@ def load(
     """
     name = os.fspath(path)
     header, data = _read_verified(path)
-    decoder = _Decoder(header["leaves"], data, like is not None, name)
-    tree = decoder.decode(header["tree"], "", like)
-    if not all(decoder.used):
-        unused = [i for i, used in enumerate(decoder.used) if not used]
-        raise CheckpointError(f"{name!r}: tensors {unused[:10]} are described but not in the tree")
+    tree = _Decoder(header["leaves"], data, like is not None, name).decode(header["tree"], "", like)
     if like is not None:
         _check_leaves_like(tree, like)
     return _place(tree, like, device)
