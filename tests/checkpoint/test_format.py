@@ -262,11 +262,13 @@ def test_sigkill_while_saving_never_leaves_an_unreadable_checkpoint(tmp_path):
         tree = checkpoint.load(path)
         assert tree["step"] in (1, 2)
         assert torch.equal(tree["w"], trees[tree["step"] - 1]["w"])
+        # Each save removes what the previous kills left, so at most this kill's is here.
         temporaries = list(tmp_path.glob(".latest.ckpt.*.tmp"))
+        assert len(temporaries) <= 1, temporaries
         kills_mid_write += bool(temporaries)
-        for leftover in temporaries:
-            leftover.unlink()
     assert kills_mid_write > 0, "no kill landed during a write: the test proved nothing"
+    checkpoint.save(path, trees[0])  # the next save leaves nothing behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.ckpt"]
 
 
 _JOB = '''
@@ -335,3 +337,75 @@ def test_resume_in_a_new_process_is_bit_for_bit(tmp_path):
     assert int(resumed.step) == 30
     fd.assert_trees_close(resumed, uninterrupted)  # rtol = atol = 0: bit for bit
     _assert_same(resumed, uninterrupted)
+
+
+def _dead_pid() -> int:
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    return int(child.stdout)
+
+
+def test_a_save_removes_stale_temporaries_of_killed_saves_and_nothing_else(tmp_path):
+    """Only files named like save()'s temporaries whose writer is gone (or that are over
+    an hour old) go; a save in progress elsewhere, other files and symlinks stay."""
+    dead, alive = _dead_pid(), os.getpid()
+    stale = [f".run.ckpt.{dead}.0123abcd.tmp", f".other.ckpt.{dead}.fedcba98.tmp"]
+    old = f".run.ckpt.{alive}.00000000.tmp"
+    kept = [
+        f".run.ckpt.{alive}.89abcdef.tmp",  # a save in progress (this process's pid)
+        f".run.ckpt.{dead}.0123abcd.tmp.bak",  # not the pattern
+        "run.ckpt.tmp",
+        f".run.ckpt.{dead}.xyz.tmp",
+        "notes.txt",
+    ]
+    for name in [*stale, old, *kept]:
+        (tmp_path / name).write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    os.utime(tmp_path / old, (two_hours_ago, two_hours_ago))
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("not ours")
+    link = f".link.ckpt.{dead}.11111111.tmp"
+    (tmp_path / link).symlink_to(target)
+    checkpoint.save(tmp_path / "run.ckpt", {"w": torch.ones(1)})
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([*kept, link, "elsewhere.txt", "run.ckpt"])
+    assert target.read_text() == "not ours"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_file_permissions_follow_the_umask_like_torch_save(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        checkpoint.save(tmp_path / "ours.ckpt", {"w": torch.ones(1)})
+        torch.save({"w": torch.ones(1)}, tmp_path / "torch.pth")
+    finally:
+        os.umask(previous)
+    ours = (tmp_path / "ours.ckpt").stat().st_mode & 0o777
+    theirs = (tmp_path / "torch.pth").stat().st_mode & 0o777
+    assert ours == theirs == 0o666 & ~umask
+
+
+def test_loaded_leaves_never_share_memory(tmp_path):
+    base = torch.arange(8.0)
+    checkpoint.save(tmp_path / "s.ckpt", {"a": base, "again": base, "view": base[2:5]})
+    back = checkpoint.load(tmp_path / "s.ckpt")
+    back["a"].add_(100)
+    assert back["again"].tolist() == base.tolist() and back["view"].tolist() == [2.0, 3.0, 4.0]
+    storages = {t.untyped_storage().data_ptr() for t in back.values()}
+    assert len(storages) == 3
+
+
+def test_save_refuses_what_the_reader_would_refuse(tmp_path):
+    path = tmp_path / "x.ckpt"
+    with pytest.raises(CheckpointError, match=r"at big: an int of more than 40 digits"):
+        checkpoint.save(path, {"big": 10**40})
+    with pytest.raises(CheckpointError, match=r"an integer of 41 digits"):
+        checkpoint.save(path, {"w": torch.ones(1)}, metadata={"seed": 10**40})
+    deep: list = []
+    for _ in range(checkpoint.format.MAX_TREE_DEPTH + 1):
+        deep = [deep]
+    with pytest.raises(CheckpointError, match=r"nests deeper than 64"):
+        checkpoint.save(path, deep)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+    checkpoint.save(path, {"seed": 2**64 - 1, "neg": -(10**39)})  # 128-bit values fit
+    assert checkpoint.load(path) == {"seed": 2**64 - 1, "neg": -(10**39)}
