@@ -206,8 +206,9 @@ register_torch_wrapper(
 )
 
 
-def _map_groups(state: Any, fn: Callable[[list[Any], str], list[Any]], path: str, *,
-                exporting: bool) -> Any:  # fmt: skip
+def _map_groups(
+    state: Any, fn: Callable[[list[Any], str], list[Any]], path: str, *, exporting: bool
+) -> Any:
     """``state`` with every group of registered stages replaced by ``fn(stages, path)``,
     walking into registered wrappers; a state in neither registry is refused."""
     chained = isinstance(state, tuple) and not is_namedtuple(state)
@@ -232,14 +233,11 @@ def _map_groups(state: Any, fn: Callable[[list[Any], str], list[Any]], path: str
         reason = wrapper.refuse_export(item) if exporting else None
         if reason is not None:
             raise CheckpointError(f"cannot export the {wrapper.name} state at {where}: {reason}")
-        inners = wrapper.inners(item)
-        out[i] = wrapper.rebuild(
-            item,
-            {
-                key: _map_groups(inner, fn, f"{where}.{key}", exporting=exporting)
-                for key, inner in inners.items()
-            },
-        )
+        inners = {
+            key: _map_groups(inner, fn, f"{where}.{key}", exporting=exporting)
+            for key, inner in wrapper.inners(item).items()
+        }
+        out[i] = wrapper.rebuild(item, inners)
     return tuple(out) if chained else out[0]
 
 
@@ -381,25 +379,28 @@ def import_optimizer_state(
         for i in group.get("params", []):
             if isinstance(i, int) and 0 <= i < len(names):
                 group_lr[names[i]] = group.get("lr")
+    index = {name: i for i, name in enumerate(names)}
     consumed: set[tuple[int, str]] = set()
 
     def import_group(stages: list[Any], path: str) -> list[Any]:
         maps = [_STATES[type(s)] for s in stages]
         members = _members(stages, path, names)
-        rows = {name: torch_state.get(names.index(name), {}) for name in members}
+        rows = {name: torch_state.get(index[name], {}) for name in members}
 
         def take(key: str, like: Mapping[str, Any]) -> dict[str, Tensor] | None:
-            present = [n for n in members if rows[n].get(key) is not None]
+            """torch's ``key`` for every param that ``like`` (a template tree) covers."""
+            covered = [n for n in members if like.get(n) is not None]
+            present = [n for n in covered if rows[n].get(key) is not None]
             if not present:
                 return None
-            if len(present) != len(members):
-                missing = [n for n in members if n not in present]
+            if len(present) != len(covered):
+                missing = [n for n in covered if n not in present]
                 raise CheckpointError(
                     f"state_dict has {key!r} for some parameters but not {missing} ({path})"
                 )
             out = {}
-            for name in members:
-                value, want, i = rows[name][key], like[name], names.index(name)
+            for name in covered:
+                value, want, i = rows[name][key], like[name], index[name]
                 if value.shape != want.shape:
                     raise CheckpointError(
                         f"state_dict['state'][{i}][{key!r}] (param {name!r}): expected shape "
@@ -414,7 +415,7 @@ def import_optimizer_state(
             for name in members:
                 if "step" in rows[name]:
                     steps.add(float(rows[name]["step"]))
-                    consumed.add((names.index(name), "step"))
+                    consumed.add((index[name], "step"))
         if len(steps) > 1:
             raise CheckpointError(
                 f"parameters are at different steps {sorted(steps)}; "
