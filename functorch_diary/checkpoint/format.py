@@ -159,7 +159,7 @@ def is_namedtuple(value: Any) -> bool:
     return isinstance(value, tuple) and hasattr(type(value), "_fields")
 
 
-def _resolve_namedtuple(name: str, fields: list[str], where: str) -> type:
+def _resolve_namedtuple(name: str, fields: list[str], where: str, file: str) -> type:
     """The NamedTuple class called ``name``, from the registry or an imported
     ``functorch_diary`` module. Nothing is imported: a name that is not already defined
     is an error, so a crafted file cannot make us load a module."""
@@ -173,7 +173,7 @@ def _resolve_namedtuple(name: str, fields: list[str], where: str) -> type:
     if cls is None or list(getattr(cls, "_fields", ())) != fields:
         found = "not a known NamedTuple" if cls is None else f"has fields {list(cls._fields)}"
         raise CheckpointError(
-            f"at {where}: the checkpoint holds a {name} with fields {fields}, which is "
+            f"{file!r} at {where}: the checkpoint holds a {name} with fields {fields}, which is "
             f"{found}; pass like=<a tree of the same structure> to load(), or call "
             "checkpoint.register_type(YourNamedTuple) before loading"
         )
@@ -618,7 +618,7 @@ class _Decoder:
             raise self.fail(where, "a malformed tree description")
         kind = node["t"]
         if self.has_like:
-            _check_like_kind(kind, node, like, where)
+            _check_like_kind(kind, node, like, where, self.name)
         if kind == "tensor":
             if not isinstance(node.get("device", ""), str):
                 raise self.fail(where, "a device that is not a string")
@@ -655,7 +655,11 @@ class _Decoder:
                 or not all(isinstance(f, str) for f in fields)
             ):
                 raise self.fail(where, "a malformed NamedTuple")
-            cls = type(like) if self.has_like else _resolve_namedtuple(type_, fields, where)
+            cls = (
+                type(like)
+                if self.has_like
+                else _resolve_namedtuple(type_, fields, where, self.name)
+            )
             return cls(
                 *[child(f, i, c) for i, (f, c) in enumerate(zip(fields, children, strict=True))]
             )
@@ -675,12 +679,12 @@ class _Decoder:
         raise self.fail(where, f"unknown node type {kind!r}")
 
 
-def _check_like_kind(kind: str, node: dict[str, Any], like: Any, where: str) -> None:
+def _check_like_kind(kind: str, node: dict[str, Any], like: Any, where: str, file: str) -> None:
     """Raise when the stored node and the template node differ in kind, keys or fields."""
 
     def fail(expected: str, got: str) -> None:
         raise CheckpointError(
-            f"at {where}: the checkpoint holds {got} but like= has {expected}; "
+            f"{file!r} at {where}: the checkpoint holds {got} but like= has {expected}; "
             "is this checkpoint from another model or optimiser?"
         )
 
@@ -714,8 +718,8 @@ def _check_like_kind(kind: str, node: dict[str, Any], like: Any, where: str) -> 
             missing = sorted(map(str, set(wanted) - set(stored)))
             extra = sorted(map(str, set(stored) - set(wanted)))
             raise CheckpointError(
-                f"at {where}: keys differ from like=: missing from the checkpoint {missing}, "
-                f"not in like= {extra}"
+                f"{file!r} at {where}: keys differ from like=: missing from the checkpoint "
+                f"{missing}, not in like= {extra}"
             )
 
 
@@ -751,18 +755,18 @@ def load(
     header, data = _read_verified(path)
     tree = _Decoder(header["leaves"], data, like is not None, name).decode(header["tree"], "", like)
     if like is not None:
-        _check_leaves_like(tree, like)
+        _check_leaves_like(tree, like, name)
     return _place(tree, like, device)
 
 
-def _check_leaves_like(tree: PyTree, like: PyTree) -> None:
+def _check_leaves_like(tree: PyTree, like: PyTree, file: str) -> None:
     for (path, got), (_, want) in zip(
         tree_flatten_with_paths(tree), tree_flatten_with_paths(like), strict=True
     ):
         if isinstance(got, Tensor) and (got.shape != want.shape or got.dtype != want.dtype):
             raise CheckpointError(
-                f"at {path}: the checkpoint holds shape {tuple(got.shape)}, dtype {got.dtype}; "
-                f"like= has shape {tuple(want.shape)}, dtype {want.dtype}"
+                f"{file!r} at {path}: the checkpoint holds shape {tuple(got.shape)}, dtype "
+                f"{got.dtype}; like= has shape {tuple(want.shape)}, dtype {want.dtype}"
             )
 
 

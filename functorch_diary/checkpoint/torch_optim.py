@@ -223,6 +223,9 @@ def _map_groups(
         if type(item) in _STATES:
             continue
         where = f"{path}[{i}]" if chained else path
+        if chained and isinstance(item, tuple) and not is_namedtuple(item):
+            out[i] = _map_groups(item, fn, where, exporting=exporting)  # a nested chain
+            continue
         wrapper = _WRAPPERS.get(type(item))
         if wrapper is None:
             raise CheckpointError(

@@ -188,3 +188,34 @@ def test_a_state_with_no_mapping_is_refused_with_its_name_and_path():
         checkpoint.export_optimizer_state(state, params, groups)
     with pytest.raises(CheckpointError, match=r"_UnknownState at opt_state\.inner\[3\]"):
         checkpoint.import_optimizer_state({"state": {}, "param_groups": groups}, state, params)
+
+
+def test_masked_weight_decay_is_torch_param_groups_in_their_order():
+    """``chain(masked(add_decayed_weights), adam)`` is torch's Adam with weight decay in
+    the weights' group only; torch numbers parameters group by group, so ``params`` is
+    given in that order."""
+    net = _net()
+    model, params, state = fd.Model.from_module(net)
+    opt = optim.chain(optim.masked(optim.add_decayed_weights(0.1), "*.weight"), optim.adam(0.05))
+    ts = _our_steps(model, opt, fd.init_train_state(model, opt, params=params, state=state), 3)
+    net.load_state_dict(model.state_dict(ts.params, ts.state))
+    weights = [p for n, p in net.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in net.named_parameters() if n.endswith("bias")]
+    topt = torch.optim.Adam(
+        [{"params": weights, "weight_decay": 0.1}, {"params": biases, "weight_decay": 0.0}],
+        lr=0.05,
+    )
+    order = sorted(ts.params, key=lambda n: not n.endswith("weight"))  # torch's numbering
+    in_torch_order = {n: ts.params[n] for n in order}
+    topt.load_state_dict(
+        checkpoint.export_optimizer_state(
+            ts.opt_state, in_torch_order, topt.state_dict()["param_groups"]
+        )
+    )
+    _torch_steps(net, topt, 3)
+    ts = _our_steps(model, opt, ts, 3)
+    fd.assert_trees_close(ts.params, dict(net.named_parameters()), rtol=1e-10, atol=1e-12)
+    back = checkpoint.import_optimizer_state(
+        topt.state_dict(), opt.init(params), {n: params[n] for n in order}
+    )
+    fd.assert_trees_close(back, ts.opt_state, rtol=1e-10, atol=1e-12)
