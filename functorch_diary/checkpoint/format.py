@@ -528,7 +528,7 @@ def _check_leaf_specs(specs: list[Any], data_nbytes: int, name: str) -> None:
             raise CheckpointError(
                 f"{what}: shape {shape!r} must be at most {_MAX_NDIM} non-negative ints"
             )
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         # The largest stride (zeros ignored) bounds what torch computes for the shape.
         extent = math.prod(max(s, 1) for s in shape) * itemsize
         nbytes = math.prod(shape) * itemsize

@@ -453,6 +453,12 @@ def import_optimizer_state(
                 value = (max(taken, 1) if started else 0) if mapping.count_means_started else taken
                 changes["count"] = torch.full_like(count, value)
             if mapping.lr is not None and lrs:
+                if len(lrs) > 1 and not any(_buffer_trees(s, path, names) for s in stages):
+                    raise CheckpointError(
+                        f"{path} keeps no per-parameter tensors, so nothing says which of "
+                        f"torch's param groups (learning rates {sorted(lrs)}) it stands for; "
+                        "import from a torch optimiser whose groups share one learning rate"
+                    )
                 if len(lrs) > 1:
                     raise CheckpointError(
                         f"the parameters of {path} are in torch param groups with different "

@@ -219,3 +219,20 @@ def test_masked_weight_decay_is_torch_param_groups_in_their_order():
         topt.state_dict(), opt.init(params), {n: params[n] for n in order}
     )
     fd.assert_trees_close(back, ts.opt_state, rtol=1e-10, atol=1e-12)
+
+
+def test_learning_rates_of_groups_that_cannot_be_told_apart_are_refused():
+    net = _net()
+    _, params, _ = fd.Model.from_module(net)
+    groups = _two_groups(torch.optim.SGD)(net).state_dict()
+    opt = optim.multi_transform(
+        {"body": optim.sgd(0.05), "head": optim.sgd(0.01)}, {"body": "0.*", "head": "2.*"}
+    )
+    # Plain SGD keeps no per-parameter tensors: which torch group is "body"?
+    with pytest.raises(CheckpointError, match=r"opt_state\.body.*no per-parameter tensors"):
+        checkpoint.import_optimizer_state(groups, opt.init(params), params)
+    # One optimiser over parameters in groups of different learning rates.
+    topt = _two_groups(torch.optim.Adam)(net)
+    _torch_steps(net, topt, 1)
+    with pytest.raises(CheckpointError, match=r"different learning rates \[0\.01, 0\.05\]"):
+        checkpoint.import_optimizer_state(topt.state_dict(), optim.adam().init(params), params)
