@@ -67,11 +67,15 @@ __all__ = [
     "MAX_INT_DIGITS",
     "MAX_JSON_DEPTH",
     "MAX_TREE_DEPTH",
+    "STALE_TEMP_SECONDS",
     "CheckpointError",
+    "is_namedtuple",
     "load",
     "read_metadata",
     "register_type",
+    "remove_stale_temporaries",
     "save",
+    "type_name",
 ]
 
 _MAGIC = b"FDCKPT\x00\x01"
@@ -485,6 +489,8 @@ def _read_verified(path: str | os.PathLike[str]) -> tuple[dict[str, Any], memory
             got = _PREFIX.size + file.readinto(memoryview(raw)[_PREFIX.size :])
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {name!r}: {exc}") from exc
+    except MemoryError:
+        raise CheckpointError(f"{name!r}: {size} bytes do not fit in memory") from None
     view = memoryview(raw)
     body_end = len(raw) - _DIGEST_SIZE
     if (
