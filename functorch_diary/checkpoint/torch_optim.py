@@ -12,7 +12,8 @@ What maps where is said by the state *types*, in two registries:
   a message naming the wrapper (``accumulate_gradients`` midway through a step).
 
 The stages registered directly in one chain form one torch optimiser: they share one
-step count and cover the parameters their tensors cover. Wrappers are walked into:
+step count and cover the parameters their tensors cover. Nested chains and wrappers are
+walked into:
 ``apply_if_finite`` exports its inner optimiser (torch.optim keeps no skip counters, so
 import starts them at the template's values), ``accumulate_gradients`` exports its inner
 optimiser between steps and refuses midway (the pending gradient sum has no place in
@@ -30,7 +31,12 @@ moments ``mu``/``nu`` and a shared ``mu_product`` tensor that torch keeps per pa
     )
 
 and a test row in ``tests/checkpoint/test_torch_optim.py``'s ``OPTIMIZERS`` table (train
-there, continue here, and back, matched to 1e-10 in float64).
+there, continue here, and back, matched to 1e-10 in float64). Register here, next to the
+others (this module imports ``optim``; ``optim`` importing it back would be a cycle).
+Imported buffers are checked against the template state's leaves, not the params, so
+states of other shapes (Adafactor's factored row and column variances) map as well;
+a per-parameter tree of 0-dim tensors (ASGD's ``eta``, ``mu``) is a buffer too, and
+``scalars`` is for one tensor shared by all parameters.
 
 Example:
     >>> import torch
