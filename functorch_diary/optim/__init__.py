@@ -13,6 +13,8 @@ Example:
 """
 
 from .accumulate import AccumulateState, accumulate_gradients
+from .adafactor import AdafactorState, adafactor
+from .adam_family import AdamaxState, NAdamState, RAdamState, adamax, nadam, radam
 from .base import (
     EmptyState,
     GradientTransformation,
@@ -21,9 +23,11 @@ from .base import (
     chain,
     identity,
 )
+from .classic import AdadeltaState, ASGDState, RpropState, adadelta, asgd, rprop
 from .clipping import clip, clip_by_global_norm
 from .guard import FiniteGuardState, all_finite, apply_if_finite, nonfinite_paths
 from .masking import MultiTransformState, freeze, masked, multi_transform, set_to_zero
+from .muon import MuonState, muon
 from .optimizers import adagrad, adam, adamw, rmsprop, sgd
 from .schedules import (
     constant_lr,
@@ -57,11 +61,19 @@ from .transforms import (
 )
 
 __all__ = [
+    "ASGDState",
     "AccumulateState",
+    "AdadeltaState",
+    "AdafactorState",
+    "AdamaxState",
     "EmptyState",
     "FiniteGuardState",
     "GradientTransformation",
     "MultiTransformState",
+    "MuonState",
+    "NAdamState",
+    "RAdamState",
+    "RpropState",
     "ScaleByAdamState",
     "ScaleByLearningRateState",
     "ScaleByRmsState",
@@ -70,14 +82,18 @@ __all__ = [
     "Schedule",
     "TraceState",
     "accumulate_gradients",
+    "adadelta",
+    "adafactor",
     "adagrad",
     "adam",
+    "adamax",
     "adamw",
     "add_decayed_weights",
     "all_finite",
     "apply_gradients",
     "apply_if_finite",
     "apply_updates",
+    "asgd",
     "chain",
     "clip",
     "clip_by_global_norm",
@@ -93,9 +109,13 @@ __all__ = [
     "masked",
     "multi_transform",
     "multistep_lr",
+    "muon",
+    "nadam",
     "nonfinite_paths",
     "polynomial_lr",
+    "radam",
     "rmsprop",
+    "rprop",
     "scale",
     "scale_by_adam",
     "scale_by_learning_rate",
