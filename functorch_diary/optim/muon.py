@@ -4,7 +4,8 @@ Muon orthogonalises each weight matrix's momentum by a bfloat16 Newton-Schulz it
 so it takes only matrices (as torch's does); give the other leaves (biases, norms,
 embeddings, conv kernels) another optimiser with
 :func:`~functorch_diary.optim.multi_transform`, as torch's docs advise with a second
-optimiser.
+optimiser. Muon is not element-wise, so it is not for ``make_ensemble_train_step``
+(which steps all members' stacked leaves at once).
 
 Example:
     >>> import torch
