@@ -13,7 +13,6 @@ Example:
 """
 
 from .accumulate import AccumulateState, accumulate_gradients
-from .adafactor import AdafactorState, adafactor
 from .adam_family import AdamaxState, NAdamState, RAdamState, adamax, nadam, radam
 from .base import (
     EmptyState,
@@ -25,10 +24,11 @@ from .base import (
 )
 from .classic import AdadeltaState, ASGDState, RpropState, adadelta, asgd, rprop
 from .clipping import clip, clip_by_global_norm
+from .factored import AdafactorState, adafactor
 from .guard import FiniteGuardState, all_finite, apply_if_finite, nonfinite_paths
 from .masking import MultiTransformState, freeze, masked, multi_transform, set_to_zero
-from .muon import MuonState, muon
 from .optimizers import adagrad, adam, adamw, rmsprop, sgd
+from .orthogonal import MuonState, muon
 from .schedules import (
     constant_lr,
     cosine_annealing_lr,
