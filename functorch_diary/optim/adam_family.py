@@ -25,7 +25,7 @@ from torch import Tensor
 from ..tree import PyTree, tree_map
 from .base import GradientTransformation, chain
 from .fast_path import host_number
-from .foreach_step import Number, addcdiv, cast, scalar_dtype, torch_step, where, zero_count
+from .foreach_step import Number, addcdiv, cast, scalar_dtype, then, torch_step, where, zero_count
 from .transforms import ScalarOrSchedule, track_learning_rate
 
 __all__ = ["AdamaxState", "NAdamState", "RAdamState", "adamax", "nadam", "radam"]
@@ -55,12 +55,12 @@ def _decay(
     return list(torch._foreach_add(grads, params, alpha=weight_decay)), params
 
 
-def _moments(grads, exp_avg, exp_avg_sq, beta1: float, beta2: float):
+def _moments(grads, exp_avg, exp_avg_sq, beta1: float, beta2: float, own: bool):
     """Adam's running moments, as torch's ``lerp_`` then ``mul_`` + ``addcmul_``."""
-    exp_avg = torch._foreach_lerp(exp_avg, grads, 1 - beta1)
-    exp_avg_sq = torch._foreach_mul(exp_avg_sq, beta2)
-    exp_avg_sq = torch._foreach_addcmul(exp_avg_sq, grads, grads, value=1 - beta2)
-    return list(exp_avg), list(exp_avg_sq)
+    exp_avg = list(torch._foreach_lerp(exp_avg, grads, 1 - beta1))
+    exp_avg_sq = list(torch._foreach_mul(exp_avg_sq, beta2))
+    exp_avg_sq = then(own, "addcmul", exp_avg_sq, grads, grads, value=1 - beta2)
+    return exp_avg, exp_avg_sq
 
 
 def _zeros(params: PyTree) -> PyTree:
@@ -120,21 +120,22 @@ def nadam(
         if maximize:
             grads = torch._foreach_neg(grads)
         grads, params = _decay(grads, params, lr, weight_decay, decoupled_weight_decay)
-        exp_avg, exp_avg_sq = _moments(grads, state.exp_avg, state.exp_avg_sq, beta1, beta2)
-        denom = torch._foreach_sqrt(exp_avg_sq)
+        own = not torch.is_tensor(t)  # plain eager: write into what this step made
+        exp_avg, exp_avg_sq = _moments(grads, state.exp_avg, state.exp_avg_sq, beta1, beta2, own)
+        denom = list(torch._foreach_sqrt(exp_avg_sq))
         bias_correction_sqrt = (1 - beta2**t) ** 0.5
         mu = beta1 * (1.0 - 0.5 * (0.96 ** (t * momentum_decay)))
         mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((t + 1) * momentum_decay)))
         # torch multiplies its float32 (scalar dtype) mu_product by the Python float mu.
         factor = mu.to(state.mu_product.dtype) if torch.is_tensor(mu) else mu
         mu_product = state.mu_product * factor
-        denom = torch._foreach_div(denom, cast(bias_correction_sqrt, denom))
-        denom = torch._foreach_add(denom, eps)
+        denom = then(own, "div", denom, cast(bias_correction_sqrt, denom))
+        denom = then(own, "add", denom, eps)
         product = mu_product.to(torch.float64) if torch.is_tensor(t) else host_number(mu_product)
         step_size_grads = (lr * (1.0 - mu) / (1.0 - product)) * -1
         step_size_exp_avg = (lr * mu_next / (1.0 - product * mu_next)) * -1
         params = addcdiv(params, grads, denom, step_size_grads)
-        params = addcdiv(params, exp_avg, denom, step_size_exp_avg)
+        params = addcdiv(params, exp_avg, denom, step_size_exp_avg, own)
         return params, NAdamState(state.count, mu_product, exp_avg, exp_avg_sq)
 
     return chain(track_learning_rate(lr), torch_step("nadam", init, step, lr))
@@ -195,7 +196,8 @@ def radam(
             grads = torch._foreach_neg(grads)
         rho_t = rho_inf - 2 * t * (beta2**t) / (1 - beta2**t)
         grads, params = _decay(grads, params, lr, weight_decay, decoupled_weight_decay)
-        exp_avg, exp_avg_sq = _moments(grads, state.exp_avg, state.exp_avg_sq, beta1, beta2)
+        own = not torch.is_tensor(t)  # plain eager: write into what this step made
+        exp_avg, exp_avg_sq = _moments(grads, state.exp_avg, state.exp_avg_sq, beta1, beta2, own)
         rect = rectification(rho_t)
         unrectified = where(rect > 0, 0, 1.0)
         bias_correction1 = 1 - beta1**t
@@ -203,11 +205,11 @@ def radam(
         # sqrt(1 - beta2^t) * rect * lr / bc1, negated: -0.0 while unrectified, as in torch,
         # which turns the buffer below into -0.0 + unrect_step_size.
         bias_correction2 = ((1 - beta2**t) ** 0.5) * (lr * rect / bias_correction1) * -1
-        buffer = torch._foreach_sqrt(exp_avg_sq)
-        buffer = torch._foreach_add(buffer, eps)
-        buffer = torch._foreach_div(buffer, cast(bias_correction2, buffer))
-        buffer = torch._foreach_reciprocal(buffer)
-        buffer = torch._foreach_add(buffer, cast(unrect_step_size, buffer))
+        buffer = list(torch._foreach_sqrt(exp_avg_sq))
+        buffer = then(own, "add", buffer, eps)
+        buffer = then(own, "div", buffer, cast(bias_correction2, buffer))
+        buffer = then(own, "reciprocal", buffer)
+        buffer = then(own, "add", buffer, cast(unrect_step_size, buffer))
         params = list(torch._foreach_addcmul(params, exp_avg, buffer))
         return params, RAdamState(state.count, exp_avg, exp_avg_sq)
 
@@ -257,9 +259,10 @@ def adamax(
             grads = torch._foreach_neg(grads)
         grads, params = _decay(grads, params, lr, weight_decay, decoupled=False)
         exp_avg = list(torch._foreach_lerp(state.exp_avg, grads, 1 - beta1))
-        exp_inf = torch._foreach_mul(state.exp_inf, beta2)
-        bound = torch._foreach_add(torch._foreach_abs(grads), eps)
-        exp_inf = list(torch._foreach_maximum(exp_inf, bound))
+        own = not torch.is_tensor(t)  # plain eager: write into what this step made
+        exp_inf = list(torch._foreach_mul(state.exp_inf, beta2))
+        bound = then(own, "add", list(torch._foreach_abs(grads)), eps)
+        exp_inf = then(own, "maximum", exp_inf, bound)
         step_size = (lr / (1 - beta1**t)) * -1
         params = addcdiv(params, exp_avg, exp_inf, step_size)
         return params, AdamaxState(state.count, exp_avg, exp_inf)

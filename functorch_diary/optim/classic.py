@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..tree import PyTree, tree_map
 from .base import GradientTransformation, chain
-from .foreach_step import Number, add_scaled, lr_at, scalar_dtype, torch_step, zero_count
+from .foreach_step import Number, add_scaled, lr_at, scalar_dtype, then, torch_step, zero_count
 from .transforms import ScalarOrSchedule, track_learning_rate
 
 __all__ = ["ASGDState", "AdadeltaState", "RpropState", "adadelta", "asgd", "rprop"]
@@ -90,13 +90,14 @@ def adadelta(
 
     def step(grads, params, state: AdadeltaState, t: Number, lr: Number):
         grads = _l2(grads, params, maximize, weight_decay)
-        square_avg = torch._foreach_mul(state.square_avg, rho)
-        square_avg = list(torch._foreach_addcmul(square_avg, grads, grads, value=1 - rho))
-        std = torch._foreach_sqrt(torch._foreach_add(square_avg, eps))
-        deltas = torch._foreach_sqrt(torch._foreach_add(state.acc_delta, eps))
-        deltas = torch._foreach_mul(torch._foreach_div(deltas, std), grads)
-        acc_delta = torch._foreach_mul(state.acc_delta, rho)
-        acc_delta = list(torch._foreach_addcmul(acc_delta, deltas, deltas, value=1 - rho))
+        own = not torch.is_tensor(t)  # plain eager: write into what this step made
+        square_avg = list(torch._foreach_mul(state.square_avg, rho))
+        square_avg = then(own, "addcmul", square_avg, grads, grads, value=1 - rho)
+        std = then(own, "sqrt", list(torch._foreach_add(square_avg, eps)))
+        deltas = then(own, "sqrt", list(torch._foreach_add(state.acc_delta, eps)))
+        deltas = then(own, "mul", then(own, "div", deltas, std), grads)
+        acc_delta = list(torch._foreach_mul(state.acc_delta, rho))
+        acc_delta = then(own, "addcmul", acc_delta, deltas, deltas, value=1 - rho)
         params = add_scaled(params, deltas, -lr)
         return params, AdadeltaState(state.count, square_avg, acc_delta)
 

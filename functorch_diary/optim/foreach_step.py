@@ -52,6 +52,7 @@ __all__ = [
     "minimum",
     "scalar_dtype",
     "step_numbers",
+    "then",
     "torch_step",
     "where",
     "zero_count",
@@ -177,16 +178,19 @@ def cast(value: Number, like: Sequence[Tensor]) -> float | list[Tensor]:
     return [value.to(x.dtype) for x in like]
 
 
-def addcdiv(xs: list[Tensor], t1: list[Tensor], t2: list[Tensor], value: Number) -> list[Tensor]:
+def addcdiv(
+    xs: list[Tensor], t1: list[Tensor], t2: list[Tensor], value: Number, own: bool = False
+) -> list[Tensor]:
     """``xs + value * t1 / t2`` as torch's ``addcdiv`` rounds it (the product first), as a
-    new list; a tensor ``value`` takes the same three roundings in separate kernels.
+    new list (in ``xs`` if ``own``, see :func:`then`); a tensor ``value`` takes the same
+    three roundings in separate kernels.
 
     Example:
         >>> addcdiv([torch.ones(1)], [torch.ones(1)], [torch.full((1,), 4.0)], -1.0)
         [tensor([0.7500])]
     """
     if not isinstance(value, Tensor):
-        return list(torch._foreach_addcdiv(xs, t1, t2, value=value))
+        return then(own, "addcdiv", xs, t1, t2, value=value)
     return list(
         torch._foreach_add(xs, torch._foreach_div(torch._foreach_mul(t1, cast(value, t1)), t2))
     )
@@ -216,6 +220,23 @@ def add_scaled(xs: list[Tensor], ys: list[Tensor], alpha: Number) -> list[Tensor
     if not isinstance(alpha, Tensor):
         return list(torch._foreach_add(xs, ys, alpha=alpha))
     return list(torch._foreach_add(xs, torch._foreach_mul(ys, cast(alpha, ys))))
+
+
+def then(own: bool, op: str, xs: list[Tensor], *args: Any, **kwargs: Any) -> list[Tensor]:
+    """``torch._foreach_<op>`` on ``xs``: in place if ``own`` (``xs`` are tensors this step
+    made, in plain eager code: one allocation and one pass into fresh memory fewer), else
+    out of place (traced code, where no tensor is written to). The same kernel either way,
+    so the same bits.
+
+    Example:
+        >>> fresh = list(torch._foreach_mul([torch.ones(2)], 2.0))
+        >>> then(True, "add", fresh, 1.0) is fresh, fresh
+        (True, [tensor([3., 3.])])
+    """
+    if own:
+        getattr(torch, f"_foreach_{op}_")(xs, *args, **kwargs)
+        return xs
+    return list(getattr(torch, f"_foreach_{op}")(xs, *args, **kwargs))
 
 
 class _Counted(Protocol):
