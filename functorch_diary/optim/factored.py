@@ -61,7 +61,9 @@ def adafactor(
     Args:
         lr: the maximum relative step size (and the weight decay's factor), or a schedule.
         beta2_decay, eps, d, weight_decay, maximize: as in ``torch.optim.Adafactor``;
-            ``eps[0] = None`` is each leaf's ``torch.finfo(dtype).eps``.
+            ``eps[0] = None`` is each leaf's ``torch.finfo(dtype).eps`` (torch's foreach step
+            takes the first dtype group's for all, which differs only in a tree that mixes
+            float dtypes).
 
     Returns:
         The optimiser; its last state is an :class:`AdafactorState`.

@@ -15,7 +15,7 @@ from torch import nn
 from functorch_diary import optim
 from functorch_diary.testing import assert_trees_close
 from functorch_diary.tree import tree_clone, tree_leaves
-from tests.helpers import TORCH
+from tests.helpers import TORCH, dynamo_counts
 
 STEPS = 50
 F64 = {"rtol": 1e-12, "atol": 1e-12}
@@ -258,6 +258,27 @@ def test_stepping_a_stacked_ensemble_steps_each_member(name):
     new, _ = optim.apply_gradients(opt, stacked_grads, opt.init(params), params)
     for i, expected in enumerate(loop):
         assert_trees_close({k: v[i] for k, v in new.items()}, expected, **EXACT)
+
+
+@pytest.mark.parametrize("name", list(BUFFERS))
+def test_compiled_step_is_one_graph_without_recompiling(name):
+    """Under ``torch.compile`` the step's numbers are tensors (no Python branch on the step,
+    no ``.item()``): one graph, no break, no recompile across steps with a scheduled lr, and
+    the eager step's params to 1e-12. (Dynamo's eager backend: the trace is what is tested.)"""
+    torch._dynamo.reset()
+    opt = getattr(optim, name)(lr=optim.exponential_lr(0.01, gamma=0.9))
+    params = make_params(name)
+    compiled = torch.compile(
+        lambda g, s, p: optim.apply_gradients(opt, g, s, p), backend="eager", fullgraph=True
+    )
+    eager, eager_state = params, opt.init(params)
+    traced, traced_state = params, opt.init(params)
+    with dynamo_counts() as seen, torch._dynamo.config.patch(error_on_recompile=True):
+        for grads in grad_sequence(params, steps=4):
+            eager, eager_state = optim.apply_gradients(opt, grads, eager_state, eager)
+            traced, traced_state = compiled(grads, traced_state, traced)
+    assert seen == {"graphs": 1, "breaks": 0}
+    assert_trees_close(traced, eager, **F64)
 
 
 @pytest.mark.parametrize("shape", [(3,), (2, 3, 4), ()])
