@@ -1,6 +1,7 @@
 """Hypothesis draws hyperparameters, leaf shapes and step counts for each new optimiser;
 every draw is checked against ``torch.optim`` (its foreach step, to the bit, through
-``apply_gradients``; ``update`` + ``apply_updates`` to 1e-12) and for purity."""
+``apply_gradients``; ``update`` + ``apply_updates`` and the traced form, where the step's
+numbers are tensors, to 1e-12 in float64) and for purity."""
 
 from __future__ import annotations
 
@@ -118,8 +119,14 @@ def test_any_hyperparameters_match_torch(name):
         params = _tree(leaf_shapes, seed, dtype)
         grads = [_tree(leaf_shapes, seed + 1 + i, dtype) for i in range(steps)]
         opt = getattr(optim, name)(**kwargs)
-        fused_state, update_state = opt.init(params), opt.init(params)
+        fused_state, update_state, traced_state = (
+            opt.init(params),
+            opt.init(params),
+            opt.init(params),
+        )
         fused, unfused = params, params
+        # Params that autograd records: the step's numbers are tensors, as under compile.
+        traced = {k: v.clone().requires_grad_() for k, v in params.items()}
         for g in grads:
             inputs = (g, fused_state, fused, update_state, unfused)
             before = tree_clone(inputs)
@@ -127,10 +134,12 @@ def test_any_hyperparameters_match_torch(name):
             updates, update_state = opt.update(g, update_state, unfused)
             unfused = optim.apply_updates(unfused, updates)
             assert_trees_close(inputs, before, rtol=0.0, atol=0.0)  # no input written to
+            traced, traced_state = optim.apply_gradients(opt, g, traced_state, traced)
         expected = _torch_run(name, kwargs, params, grads)
         assert_trees_close(fused, expected, rtol=0.0, atol=0.0)
         # update + apply_updates: new - p then p + (new - p), at most a rounding per step.
         tol = 1e-12 if dtype == torch.float64 else 1e-5
         assert_trees_close(unfused, expected, rtol=tol, atol=tol)
+        assert_trees_close({k: v.detach() for k, v in traced.items()}, expected, rtol=tol, atol=tol)
 
     check()
