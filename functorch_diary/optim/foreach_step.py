@@ -3,18 +3,21 @@
 NAdam, RAdam, Adamax, Adadelta, ASGD, Rprop, Adafactor and Muon each write one function,
 ``step(grads, params, state, t, lr) -> (new_params, new_state)``, that runs the same
 kernels in the same order as torch's ``_multi_tensor_<name>`` (or, where torch has no
-``foreach`` step, its single-tensor loop), out of place. :func:`torch_step` turns it into a
-:class:`~functorch_diary.optim.GradientTransformation`:
+``foreach`` step, its single-tensor loop), never writing into its arguments (in plain eager
+code it writes in place into tensors it made itself, :func:`then`). :func:`torch_step`
+turns it into a :class:`~functorch_diary.optim.GradientTransformation`:
 
 - ``update_and_apply`` (what :func:`~functorch_diary.optim.apply_gradients` runs) returns
   the step's new params: torch's step to the bit;
 - ``update`` returns ``new_params - params``, so ``apply_updates`` gives back the same
-  params (exactly whenever an update is smaller than its param, else to one rounding).
+  params (exactly wherever an update is at most half its param, else to one rounding).
 
-``t`` (the 1-based step) and ``lr`` are Python numbers in plain eager code, as torch reads
-them (``_get_value``), which is what makes the bits agree; under ``torch.compile``,
-``torch.func`` transforms or a recording autograd they are float64 tensors, so a compiled
-step never re-traces and the step stays differentiable (then within a few ulps of torch).
+``t`` (the 1-based step) and ``lr`` are Python numbers in plain eager code with the step
+count on the CPU, as torch reads them (``_get_value``), which is what makes the bits agree;
+under ``torch.compile``, ``torch.func`` transforms or a recording autograd, or with the
+count on an accelerator (reading it would synchronise), they are float64 tensors, so a
+compiled step never re-traces and the step stays differentiable (then within a few ulps of
+torch).
 The scalar formulas are written once for both: :func:`where`, :func:`maximum` and
 :func:`cast` accept either.
 
