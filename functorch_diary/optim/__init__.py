@@ -13,6 +13,7 @@ Example:
 """
 
 from .accumulate import AccumulateState, accumulate_gradients
+from .adam_family import AdamaxState, NAdamState, RAdamState, adamax, nadam, radam
 from .averaging import (
     Averager,
     AverageState,
@@ -32,12 +33,15 @@ from .base import (
     chain,
     identity,
 )
+from .classic import AdadeltaState, ASGDState, RpropState, adadelta, asgd, rprop
 from .clipping import clip, clip_by_global_norm
 from .dp import DPAggregateState, dp_aggregate, dp_noise_key, make_dp_train_step
+from .factored import AdafactorState, adafactor
 from .guard import FiniteGuardState, all_finite, apply_if_finite, nonfinite_paths
 from .lookahead import LookaheadState, lookahead, slow_params
 from .masking import MultiTransformState, freeze, masked, multi_transform, set_to_zero
 from .optimizers import adagrad, adam, adamw, rmsprop, sgd
+from .orthogonal import MuonState, muon
 from .schedules import (
     constant_lr,
     cosine_annealing_lr,
@@ -70,7 +74,11 @@ from .transforms import (
 )
 
 __all__ = [
+    "ASGDState",
     "AccumulateState",
+    "AdadeltaState",
+    "AdafactorState",
+    "AdamaxState",
     "AverageState",
     "Averager",
     "DPAggregateState",
@@ -79,6 +87,10 @@ __all__ = [
     "GradientTransformation",
     "LookaheadState",
     "MultiTransformState",
+    "MuonState",
+    "NAdamState",
+    "RAdamState",
+    "RpropState",
     "ScaleByAdamState",
     "ScaleByLearningRateState",
     "ScaleByRmsState",
@@ -87,14 +99,18 @@ __all__ = [
     "Schedule",
     "TraceState",
     "accumulate_gradients",
+    "adadelta",
+    "adafactor",
     "adagrad",
     "adam",
+    "adamax",
     "adamw",
     "add_decayed_weights",
     "all_finite",
     "apply_gradients",
     "apply_if_finite",
     "apply_updates",
+    "asgd",
     "averaged_model",
     "chain",
     "clip",
@@ -117,9 +133,13 @@ __all__ = [
     "masked",
     "multi_transform",
     "multistep_lr",
+    "muon",
+    "nadam",
     "nonfinite_paths",
     "polynomial_lr",
+    "radam",
     "rmsprop",
+    "rprop",
     "scale",
     "scale_by_adam",
     "scale_by_learning_rate",
