@@ -45,6 +45,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from .. import prng
+from .._torch import optional
 
 __all__ = ["KEYED_FUNCTIONS", "KeyedRandomness", "MissingRngError", "UnkeyedRandomnessError"]
 
@@ -618,6 +619,8 @@ KEYED_FUNCTIONS: dict[Callable, Callable[..., Any]] = {
     F.multi_head_attention_forward: _mha,
     torch.poisson: _unkeyed("torch.poisson", _REFUSE_SAMPLING),
     torch.binomial: _unkeyed("torch.binomial", _REFUSE_SAMPLING),
-    torch._standard_gamma: _unkeyed("gamma sampling (torch.distributions)", _REFUSE_SAMPLING),
-    torch._sample_dirichlet: _unkeyed("Dirichlet sampling", _REFUSE_SAMPLING),
 }
+# torch.distributions samples Gamma and Dirichlet through private kernels.
+for _name, _what in (("_standard_gamma", "gamma sampling"), ("_sample_dirichlet", "Dirichlet")):
+    if (_kernel := optional(torch, _name)) is not None:
+        KEYED_FUNCTIONS[_kernel] = _unkeyed(f"{_what} (torch.distributions)", _REFUSE_SAMPLING)

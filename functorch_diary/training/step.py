@@ -270,7 +270,7 @@ def build_step(
             # Pin the layout of what comes out, so the next call sees the strides this
             # graph was specialised to (a gradient may come back in NCHW order).
             new_ts = to_channels_last(new_ts)
-        return new_ts, {"loss": loss, **metrics}
+        return new_ts, values_out({"loss": loss, **metrics})
 
     return step
 
