@@ -28,12 +28,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Protocol
 
+import torch
 from torch import Tensor
 
 from ..model.checks import LeafSpec, check_leaves
-from ..tree import PyTree, tree_add
+from ..tree import PyTree, tree_add, tree_map
 
 __all__ = [
+    "NO_UPDATE",
     "EmptyState",
     "GradientTransformation",
     "TransformInitFn",
@@ -42,6 +44,7 @@ __all__ = [
     "apply_updates",
     "chain",
     "identity",
+    "updates_where",
 ]
 
 
@@ -201,3 +204,24 @@ def update_then_apply(
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """``params + updates``, leaf by leaf, as new tensors (params are not modified)."""
     return tree_add(params, updates)
+
+
+#: The update that leaves a param as it is, bit for bit, under :func:`apply_updates`:
+#: ``p + (-0.0)`` is ``p`` for every float ``p``, ``-0.0`` and NaN included (``p + 0.0``
+#: would turn ``-0.0`` into ``+0.0``). Skipped, frozen and accumulating steps emit it, so
+#: ``update`` + ``apply_updates`` keeps such a leaf exactly as ``apply_gradients`` does.
+NO_UPDATE = -0.0
+
+
+def updates_where(condition: Tensor, updates: PyTree) -> PyTree:
+    """``updates`` where ``condition`` (a 0-dim bool tensor) holds, else :data:`NO_UPDATE`,
+    chosen with ``torch.where`` (no host sync, one graph under compile).
+
+    Example:
+        >>> import torch
+        >>> p = {"w": torch.tensor([-0.0, 1.0])}
+        >>> skipped = updates_where(torch.tensor(False), {"w": torch.tensor([2.0, 2.0])})
+        >>> apply_updates(p, skipped)["w"]
+        tensor([-0., 1.])
+    """
+    return tree_map(lambda u: torch.where(condition, u, NO_UPDATE), updates)

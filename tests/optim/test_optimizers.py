@@ -102,6 +102,7 @@ CASES = [
     ("adagrad", {"lr": 1e-1, "eps": 1e-3, "maximize": True}),
 ]
 
+
 @pytest.mark.parametrize("path", ["update", "fused"])
 @pytest.mark.parametrize(("name", "kwargs"), CASES, ids=[f"{n}-{k}" for n, k in CASES])
 def test_params_match_torch_optim_float64(name, kwargs, path):

@@ -217,3 +217,77 @@ def test_accumulating_k_gradients_steps_once_with_their_mean(optimiser, leaf_sha
         new = optim.apply_updates(new, updates)
     assert_trees_close(new, expected, **F64)
     assert int(state.micro_step) == 0
+
+
+def _same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Bit for bit equal float64 trees: ``-0.0`` and ``+0.0`` differ."""
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k].view(torch.int64), b[k].view(torch.int64)) for k in a
+    )
+
+
+WRAPPERS = ["none", "apply_if_finite", "masked", "freeze", "multi_transform", "accumulate"]
+
+
+def _wrapped(wrapper: str, name: str, kwargs: dict, k: int) -> optim.GradientTransformation:
+    """``wrapper`` around ``optim.<name>(**kwargs)``; leaf ``p0`` is the one masked, frozen
+    or put in the second parameter group (with its own lr and weight decay)."""
+    inner = getattr(optim, name)(**kwargs)
+    if wrapper == "apply_if_finite":
+        return optim.apply_if_finite(inner)
+    if wrapper == "masked":
+        return optim.masked(inner, ["p0"])
+    if wrapper == "freeze":
+        return optim.freeze(inner, ["p0"])
+    if wrapper == "multi_transform":
+        other = {**kwargs, "lr": kwargs["lr"] / 2, "weight_decay": kwargs["weight_decay"] + 0.01}
+        groups = {"head": getattr(optim, name)(**other), "body": inner}
+        return optim.multi_transform(groups, lambda path, leaf: "head" if path == "p0" else "body")
+    if wrapper == "accumulate":
+        return optim.accumulate_gradients(inner, every_k=k)
+    return inner
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    optimisers(),
+    st.sampled_from(WRAPPERS),
+    st.booleans(),
+    shapes,
+    st.lists(st.booleans(), min_size=1, max_size=4),
+    st.integers(1, 3),
+    st.integers(0, 2**16),
+)
+def test_update_then_apply_updates_is_apply_gradients(
+    optimiser, wrapper, zero_lr, leaf_shapes, bad_steps, k, seed
+):
+    """The optax pair and the fused step give the same params: to rounding (1e-12 in float64),
+    and bit for bit, signed zeros included, wherever the result is exact: a step skipped by
+    ``apply_if_finite``, a frozen leaf, a zero learning rate. Every param leaf starts with a
+    ``-0.0``; under ``apply_if_finite``, ``bad_steps`` puts a NaN in those steps' gradients."""
+    name, kwargs = optimiser
+    kwargs = {**kwargs, "lr": 0.0} if zero_lr else kwargs
+    opt = _wrapped(wrapper, name, kwargs, k)
+    params = _tree(leaf_shapes, seed)
+    for leaf in params.values():
+        leaf.view(-1)[0] = -0.0
+    state_a = state_b = opt.init(params)
+    by_update = by_apply = params
+    for i, bad in enumerate(bad_steps):
+        grads = _tree(leaf_shapes, seed + 1 + i)
+        skipped = bad and wrapper == "apply_if_finite"
+        if skipped:
+            grads["p0"].view(-1)[-1] = float("nan")
+        before_a, before_b = by_update, by_apply
+        updates, state_a = opt.update(grads, state_a, by_update)
+        by_update = optim.apply_updates(by_update, updates)
+        by_apply, state_b = optim.apply_gradients(opt, grads, state_b, by_apply)
+        if skipped:  # every leaf as it was, -0.0 included, on both paths
+            assert _same_bits(by_update, before_a) and _same_bits(by_apply, before_b)
+        assert_trees_close(by_update, by_apply, rtol=1e-12, atol=1e-12)
+    if zero_lr or (wrapper == "apply_if_finite" and all(bad_steps)):
+        assert _same_bits(by_update, by_apply)
+    if wrapper == "freeze":
+        frozen = {"p0": params["p0"]}
+        assert _same_bits({"p0": by_update["p0"]}, frozen)
+        assert _same_bits({"p0": by_apply["p0"]}, frozen)
