@@ -126,14 +126,24 @@ def lambda_lr(lr: float, lr_lambda: Callable[[Tensor], Tensor | float]) -> Sched
     Returns:
         The schedule.
 
+    A Python-float factor (``math.*`` of the step, ``int(step)``, constants) keeps
+    Python-float precision: the lr is ``LambdaLR``'s to the bit.
+
     Example:
         >>> [float(lambda_lr(2.0, lambda step: 0.5 ** step)(t)) for t in range(3)]
         [2.0, 1.0, 0.5]
+        >>> float(lambda_lr(0.1, lambda step: 0.3)(0)) == 0.1 * 0.3
+        True
     """
 
     def schedule(step: Tensor | int) -> Tensor:
         t = _step(step)
-        return lr * torch.as_tensor(lr_lambda(t), device=t.device).to(torch.float64)
+        # A Python-float factor becomes float64 (as_tensor alone would round it to float32):
+        # lr * factor is then the Python product torch's LambdaLR computes, to the bit.
+        factor = lr_lambda(t)
+        if isinstance(factor, Tensor):
+            return lr * factor.to(torch.float64)
+        return lr * torch.tensor(factor, dtype=torch.float64, device=t.device)
 
     return schedule
 
