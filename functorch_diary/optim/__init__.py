@@ -26,6 +26,7 @@ from .guard import FiniteGuardState, all_finite, apply_if_finite, nonfinite_path
 from .masking import MultiTransformState, freeze, masked, multi_transform, set_to_zero
 from .optimizers import adagrad, adam, adamw, rmsprop, sgd
 from .schedules import (
+    ReduceLROnPlateauState,
     constant_lr,
     cosine_annealing_lr,
     cosine_annealing_warm_restarts,
@@ -40,6 +41,8 @@ from .schedules import (
     one_cycle_lr,
     one_cycle_momentum,
     polynomial_lr,
+    reduce_lr_on_plateau,
+    report_metric,
     step_lr,
 )
 from .transforms import (
@@ -68,6 +71,7 @@ __all__ = [
     "FiniteGuardState",
     "GradientTransformation",
     "MultiTransformState",
+    "ReduceLROnPlateauState",
     "ScaleByAdamState",
     "ScaleByLearningRateState",
     "ScaleByRmsState",
@@ -107,6 +111,8 @@ __all__ = [
     "one_cycle_lr",
     "one_cycle_momentum",
     "polynomial_lr",
+    "reduce_lr_on_plateau",
+    "report_metric",
     "rmsprop",
     "scale",
     "scale_by_adam",

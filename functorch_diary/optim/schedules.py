@@ -25,13 +25,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
+import optree
 import torch
 from torch import Tensor
 
-from .transforms import Schedule
+from ..tree import PyTree, tree_leaves, tree_map
+from .base import GradientTransformation
+from .transforms import ScaleByLearningRateState, Schedule, scale_by_learning_rate
 
 __all__ = [
+    "PlateauConfig",
+    "ReduceLROnPlateauState",
     "constant_lr",
     "cosine_annealing_lr",
     "cosine_annealing_warm_restarts",
@@ -46,6 +52,8 @@ __all__ = [
     "one_cycle_lr",
     "one_cycle_momentum",
     "polynomial_lr",
+    "reduce_lr_on_plateau",
+    "report_metric",
     "step_lr",
 ]
 
@@ -517,3 +525,156 @@ def one_cycle_momentum(
     """
     values = (max_momentum, base_momentum, max_momentum, max_momentum)
     return _one_cycle(total_steps, pct_start, anneal_strategy, three_phase, values)
+
+
+class PlateauConfig(NamedTuple):
+    """:func:`reduce_lr_on_plateau`'s hyperparameters, as 0-dim tensors in its state (so
+    :func:`report_metric` needs nothing but the state, and a checkpoint holds them)."""
+
+    minimize: Tensor
+    relative: Tensor
+    factor: Tensor
+    patience: Tensor
+    threshold: Tensor
+    cooldown: Tensor
+    min_lr: Tensor
+    eps: Tensor
+
+
+class ReduceLROnPlateauState(NamedTuple):
+    """The lr (a :class:`ScaleByLearningRateState`, so :func:`current_lr` finds it), the
+    best metric so far, the epochs without improvement, the cooldown left, the config."""
+
+    lr: ScaleByLearningRateState
+    best: Tensor
+    num_bad_epochs: Tensor
+    cooldown_counter: Tensor
+    config: PlateauConfig
+
+
+def reduce_lr_on_plateau(
+    lr: float,
+    mode: str = "min",
+    factor: float = 0.1,
+    patience: int = 10,
+    threshold: float = 1e-4,
+    threshold_mode: str = "rel",
+    cooldown: int = 0,
+    min_lr: float = 0.0,
+    eps: float = 1e-8,
+) -> GradientTransformation:
+    """``ReduceLROnPlateau``: multiply updates by ``-lr``, where ``lr`` drops by ``factor``
+    once the monitored metric has not improved for ``patience`` epochs.
+
+    The metric-driven twin of torch's scheduler, as ``optax.contrib.reduce_on_plateau``:
+    the lr lives in the state, and :func:`report_metric` (torch's ``scheduler.step(metric)``,
+    once an epoch) returns the state after seeing a metric. Use it as the last stage of a
+    chain, e.g. ``chain(trace(0.9), reduce_lr_on_plateau(0.1))`` for SGD with momentum.
+
+    Args:
+        lr: the initial learning rate.
+        mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps: as in
+            ``torch.optim.lr_scheduler.ReduceLROnPlateau``.
+
+    Returns:
+        A transformation whose state is a :class:`ReduceLROnPlateauState`.
+
+    Example:
+        >>> import torch
+        >>> opt = reduce_lr_on_plateau(1.0, patience=0)
+        >>> state = opt.init({"w": torch.zeros(1)})
+        >>> state = report_metric(report_metric(state, 3.0), 3.0)  # no better: lr drops
+        >>> float(state.lr.lr), opt.update({"w": torch.ones(1)}, state)[0]
+        (0.1, {'w': tensor([-0.1000])})
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    if threshold_mode not in ("rel", "abs"):
+        raise ValueError(f"threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
+    if factor >= 1.0:
+        raise ValueError(f"factor must be < 1.0, got {factor}")
+    lr_stage = scale_by_learning_rate(lr)
+
+    def init(params: PyTree) -> ReduceLROnPlateauState:
+        lr_state = lr_stage.init(params)
+
+        def value(x: float | bool, dtype: torch.dtype = torch.float64) -> Tensor:
+            return torch.tensor(x, dtype=dtype, device=lr_state.count.device)
+
+        config = PlateauConfig(
+            value(mode == "min", torch.bool),
+            value(threshold_mode == "rel", torch.bool),
+            value(factor),
+            value(patience, torch.int64),
+            value(threshold),
+            value(cooldown, torch.int64),
+            value(min_lr),
+            value(eps),
+        )
+        worst = math.inf if mode == "min" else -math.inf
+        zero = value(0, torch.int64)
+        return ReduceLROnPlateauState(lr_state, value(worst), zero, zero.clone(), config)
+
+    def update(updates: PyTree, state: ReduceLROnPlateauState, params: PyTree | None = None):
+        leaves = tree_leaves(updates)
+        count = state.lr.count + 1
+        new_state = state._replace(lr=state.lr._replace(count=count))
+        if not leaves:
+            return updates, new_state
+        factor_now = (-state.lr.lr).to(leaves[0].dtype)
+        return tree_map(lambda u: u * factor_now, updates), new_state
+
+    return GradientTransformation(init, update)
+
+
+def report_metric(opt_state: PyTree, metric: float | Tensor) -> PyTree:
+    """``scheduler.step(metric)`` for every :func:`reduce_lr_on_plateau` in ``opt_state``:
+    the new optimiser state (nothing modified), following torch's rules exactly.
+
+    Tensor arithmetic with ``torch.where``, no branch on the metric, so it compiles.
+
+    Example:
+        >>> import torch
+        >>> state = reduce_lr_on_plateau(0.5, mode="max").init({})
+        >>> float(report_metric(state, 2.0).best)
+        2.0
+    """
+
+    def step(state: Any) -> Any:
+        if not isinstance(state, ReduceLROnPlateauState):
+            return state
+        c = state.config
+        current = torch.as_tensor(metric, dtype=torch.float64, device=state.best.device)
+        best = state.best
+        rel_better = torch.where(
+            c.minimize, current < best * (1.0 - c.threshold), current > best * (c.threshold + 1.0)
+        )
+        abs_better = torch.where(
+            c.minimize, current < best - c.threshold, current > best + c.threshold
+        )
+        better = torch.where(c.relative, rel_better, abs_better)
+        best = torch.where(better, current, best)
+        bad = torch.where(better, 0, state.num_bad_epochs + 1)
+        in_cooldown = state.cooldown_counter > 0
+        cooldown_counter = torch.where(
+            in_cooldown, state.cooldown_counter - 1, state.cooldown_counter
+        )
+        bad = torch.where(in_cooldown, 0, bad)
+        reduce = bad > c.patience
+        old = state.lr.lr
+        new = torch.maximum(old * c.factor, c.min_lr)
+        lr = torch.where(reduce & (old - new > c.eps), new, old)
+        return ReduceLROnPlateauState(
+            state.lr._replace(lr=lr),
+            best,
+            torch.where(reduce, 0, bad),
+            torch.where(reduce, c.cooldown, cooldown_counter),
+            c,
+        )
+
+    return optree.tree_map(
+        step,
+        opt_state,
+        is_leaf=lambda node: isinstance(node, ReduceLROnPlateauState),
+        none_is_leaf=False,
+    )

@@ -425,3 +425,42 @@ def test_join_schedules_is_sequential_lr(lr, data):
     )
     joined = optim.join_schedules([schedule for _, _, schedule in parts], stones)
     assert_trees_close(_ours(joined, 60), expected, rtol=1e-10, atol=1e-14)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.sampled_from(["min", "max"]),
+    st.floats(0.05, 0.9),
+    st.integers(0, 4),
+    st.floats(0.0, 0.2),
+    st.sampled_from(["rel", "abs"]),
+    st.integers(0, 3),
+    st.sampled_from([0.0, 1e-4, 0.02]),
+    st.sampled_from([1e-8, 1e-3]),
+    st.lists(st.integers(-3, 3).map(float), min_size=1, max_size=40),
+)
+def test_reduce_lr_on_plateau_follows_torch_bit_for_bit(
+    mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps, metrics
+):
+    options = {
+        "mode": mode,
+        "factor": factor,
+        "patience": patience,
+        "threshold": threshold,
+        "threshold_mode": threshold_mode,
+        "cooldown": cooldown,
+        "min_lr": min_lr,
+        "eps": eps,
+    }
+    torch_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = sched.ReduceLROnPlateau(torch_opt, **options)
+    opt = optim.reduce_lr_on_plateau(0.1, **options)
+    params = {"w": torch.ones(1, dtype=torch.float64)}
+    state = opt.init(params)
+    for metric in metrics:
+        torch_opt.step()
+        scheduler.step(metric)
+        state = optim.report_metric(state, metric)
+        assert float(optim.current_lr(state)) == torch_opt.param_groups[0]["lr"]
+        updates, state = opt.update({"w": torch.ones(1, dtype=torch.float64)}, state, params)
+        assert float(updates["w"]) == -torch_opt.param_groups[0]["lr"]
