@@ -23,6 +23,7 @@ from .base import (
 )
 from .clipping import clip, clip_by_global_norm
 from .guard import FiniteGuardState, all_finite, apply_if_finite, nonfinite_paths
+from .inject import InjectHyperparamsState, inject_hyperparams, set_hyperparams
 from .masking import MultiTransformState, freeze, masked, multi_transform, set_to_zero
 from .optimizers import adagrad, adam, adamw, rmsprop, sgd
 from .schedules import (
@@ -70,6 +71,7 @@ __all__ = [
     "EmptyState",
     "FiniteGuardState",
     "GradientTransformation",
+    "InjectHyperparamsState",
     "MultiTransformState",
     "ReduceLROnPlateauState",
     "ScaleByAdamState",
@@ -100,6 +102,7 @@ __all__ = [
     "exponential_lr",
     "freeze",
     "identity",
+    "inject_hyperparams",
     "join_schedules",
     "lambda_lr",
     "linear_lr",
@@ -120,6 +123,7 @@ __all__ = [
     "scale_by_rms",
     "scale_by_rss",
     "scale_by_schedule",
+    "set_hyperparams",
     "set_to_zero",
     "sgd",
     "step_lr",

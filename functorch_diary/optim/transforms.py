@@ -75,6 +75,20 @@ def _like(spec: optree.PyTreeSpec, leaves: list[Tensor]) -> PyTree:
     return optree.tree_unflatten(spec, leaves)
 
 
+def _injected(*hyperparams: float | Tensor) -> bool:
+    """Whether a hyperparameter is a tensor (from ``optim.inject_hyperparams``): then only
+    tensor arithmetic touches it, never a Python branch or a host read, so a compiled step
+    does not re-trace when its value changes."""
+    return any(isinstance(h, Tensor) for h in hyperparams)
+
+
+def _host_numbers(*values: float | Tensor) -> list[float] | None:
+    """``values`` as Python numbers for a fused kernel, or ``None`` where one cannot be read
+    without a device synchronisation."""
+    numbers = [host_number(v) for v in values]
+    return None if any(n is None for n in numbers) else numbers
+
+
 def scale(factor: float) -> GradientTransformation:
     """Multiply updates by a constant (``scale(-1.0)`` is torch's ``maximize=True``).
 
@@ -106,10 +120,16 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
     """
 
     def update(updates: PyTree, state: EmptyState, params: PyTree | None = None):
-        if weight_decay == 0.0:
+        if not _injected(weight_decay) and weight_decay == 0.0:
             return updates, state
         if params is None:
             raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
+        if _injected(weight_decay):
+            leaves, spec = _flatten(updates)
+            if not leaves:
+                return updates, state
+            decays = torch._foreach_mul(spec.flatten_up_to(params), _as_dtype(weight_decay, leaves))
+            return _like(spec, torch._foreach_add(leaves, decays)), state
         return tree_add(updates, params, alpha=weight_decay), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
@@ -190,9 +210,10 @@ def trace(
         grads, spec, base, lr = _fast_path_inputs(
             updates, state, params, learning_rate, (state.trace,)
         )
-        done = host_number(state.count) if lr is not None else None
-        if done is None:
+        numbers = _host_numbers(state.count, weight_decay) if lr is not None else None
+        if numbers is None:
             return update_then_apply(update, updates, state, params)
+        done, decay = numbers
         new_params, buffers = fused.sgd(
             base,
             grads,
@@ -201,7 +222,7 @@ def trace(
             momentum=momentum,
             dampening=dampening,
             nesterov=nesterov,
-            weight_decay=weight_decay,
+            weight_decay=decay,
             first_step=done == 0,
         )
         return _like(spec, new_params), TraceState(state.count + 1, _like(spec, buffers))
@@ -261,7 +282,7 @@ def scale_by_adam(
         >>> t.update({"w": torch.tensor([3.0, -0.5])}, t.init(p))[0]["w"]
         tensor([ 1.0000, -1.0000])
     """
-    if decoupled_weight_decay and learning_rate is None:
+    if learning_rate is None and (_injected(decoupled_weight_decay) or decoupled_weight_decay):
         raise ValueError("decoupled_weight_decay needs the learning_rate in the same stage")
 
     def init(params: PyTree) -> ScaleByAdamState:
@@ -273,9 +294,19 @@ def scale_by_adam(
 
     def moments(grads: list[Tensor], state: ScaleByAdamState):
         """New ``mu``, ``nu``, ``nu_max`` leaves and ``sqrt(nu)`` (a fresh temporary)."""
-        mu = torch._foreach_lerp(tree_leaves(state.mu), grads, 1.0 - b1)
-        nu = torch._foreach_mul(tree_leaves(state.nu), b2)
-        torch._foreach_addcmul_(nu, grads, grads, value=1.0 - b2)
+        if _injected(b1, b2):
+            # Tensor betas: b * m + (1 - b) * g in tensor kernels (lerp and addcmul would
+            # read them as Python numbers); last-bit rounding apart from the float form.
+            mu = torch._foreach_mul(tree_leaves(state.mu), _as_dtype(b1, grads))
+            torch._foreach_add_(mu, torch._foreach_mul(grads, _as_dtype(1.0 - b1, grads)))
+            nu = torch._foreach_mul(tree_leaves(state.nu), _as_dtype(b2, grads))
+            squares = torch._foreach_mul(grads, grads)
+            torch._foreach_mul_(squares, _as_dtype(1.0 - b2, grads))
+            torch._foreach_add_(nu, squares)
+        else:
+            mu = torch._foreach_lerp(tree_leaves(state.mu), grads, 1.0 - b1)
+            nu = torch._foreach_mul(tree_leaves(state.nu), b2)
+            torch._foreach_addcmul_(nu, grads, grads, value=1.0 - b2)
         nu_max = torch._foreach_maximum(tree_leaves(state.nu_max), nu) if amsgrad else None
         return mu, nu, nu_max, torch._foreach_sqrt(nu_max if amsgrad else nu)
 
@@ -304,7 +335,7 @@ def scale_by_adam(
             step_size = ((lr / (1.0 - b1**step)) * -1.0).to(grads[0].dtype)
             direction = torch._foreach_mul(mu, step_size)
             torch._foreach_div_(direction, denom)
-            if decoupled_weight_decay:
+            if _injected(decoupled_weight_decay) or decoupled_weight_decay:
                 if params is None:
                     raise ValueError("weight decay needs params: call update(grads, state, params)")
                 # 0 - lr * wd, not -(lr * wd): at lr 0 the factor is +0.0, so a -0.0
@@ -318,21 +349,23 @@ def scale_by_adam(
     def update_and_apply(updates: PyTree, state: ScaleByAdamState, params: PyTree):
         read = (state.mu, state.nu, state.nu_max) if amsgrad else (state.mu, state.nu)
         grads, spec, base, lr = _fast_path_inputs(updates, state, params, learning_rate, read)
-        done = host_number(state.count) if lr is not None else None
-        if done is None:
+        hyper = (state.count, b1, b2, decoupled_weight_decay)
+        numbers = _host_numbers(*hyper) if lr is not None else None
+        if numbers is None:
             return update_then_apply(update, updates, state, params)
+        done, beta1, beta2, decay = numbers
         new_params, mu, nu, nu_max = fused.adam(
             base,
             grads,
             tree_leaves(state.mu),
             tree_leaves(state.nu),
             tree_leaves(state.nu_max) if amsgrad else None,
-            b1=b1,
-            b2=b2,
+            b1=beta1,
+            b2=beta2,
             eps=eps,
             lr=lr,
             step=done + 1,
-            weight_decay=decoupled_weight_decay,
+            weight_decay=decay,
         )
         return _like(spec, new_params), new_state(state.count + 1, spec, mu, nu, nu_max)
 
@@ -706,6 +739,9 @@ def current_lr(opt_state: PyTree, group: str | None = None) -> Tensor:
         >>> float(current_lr(state))
         0.010000000000000002
     """
+    injected = _find_injected_lr(opt_state)
+    if group is None and injected is not None:
+        return injected
     if group is not None:
         for inner_states in _find_groups(opt_state):
             if group in inner_states:
@@ -720,6 +756,18 @@ def current_lr(opt_state: PyTree, group: str | None = None) -> Tensor:
         if isinstance(node, ScaleByLearningRateState):
             return node.lr
     raise ValueError("the optimiser state holds no learning rate (no scale_by_learning_rate stage)")
+
+
+def _find_injected_lr(opt_state: PyTree) -> Tensor | None:
+    # inject_hyperparams states (found by duck typing: this module does not import the
+    # optimisers) hold the lr the next update uses; the stage inside holds the last one.
+    nodes = optree.tree_leaves(
+        opt_state, is_leaf=lambda node: hasattr(node, "hyperparams"), none_is_leaf=False
+    )
+    for node in nodes:
+        if hasattr(node, "hyperparams") and "lr" in node.hyperparams:
+            return node.hyperparams["lr"]
+    return None
 
 
 def _find_groups(opt_state: PyTree) -> list[dict]:
