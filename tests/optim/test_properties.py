@@ -227,7 +227,15 @@ def _same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     )
 
 
-WRAPPERS = ["none", "apply_if_finite", "masked", "freeze", "multi_transform", "accumulate"]
+WRAPPERS = [
+    "none",
+    "apply_if_finite",
+    "masked",
+    "freeze",
+    "multi_transform",
+    "accumulate",
+    "inject_hyperparams",
+]
 
 
 def _wrapped(wrapper: str, name: str, kwargs: dict, k: int) -> optim.GradientTransformation:
@@ -246,6 +254,8 @@ def _wrapped(wrapper: str, name: str, kwargs: dict, k: int) -> optim.GradientTra
         return optim.multi_transform(groups, lambda path, leaf: "head" if path == "p0" else "body")
     if wrapper == "accumulate":
         return optim.accumulate_gradients(inner, every_k=k)
+    if wrapper == "inject_hyperparams":
+        return optim.inject_hyperparams(getattr(optim, name))(**kwargs)
     return inner
 
 
