@@ -94,18 +94,18 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params: PyTree) -> tuple[Any, ...]:
         return tuple(t.init(params) for t in transforms)
 
-    made: list[tuple[type | None, ...]] = []  # the stage state types init makes, found once
+    # The stage state types init makes, found now (not lazily: a compiled step would
+    # guard on a closure that changes after its first call).
+    made = tuple(_state_type(t) for t in transforms)
 
     def check_state(state: Any) -> None:
         """A state from another optimiser fails here, naming both, before any stage reads a
         field it does not have."""
-        if not made:
-            made.append(tuple(_state_type(t) for t in transforms))
         got = tuple(map(type, state)) if isinstance(state, tuple) else (type(state),)
-        if len(got) != len(made[0]) or any(
-            want is not None and have is not want for have, want in zip(got, made[0], strict=True)
+        if len(got) != len(made) or any(
+            want is not None and have is not want for have, want in zip(got, made, strict=True)
         ):
-            names = ", ".join(t.__name__ if t is not None else "?" for t in made[0])
+            names = ", ".join(t.__name__ if t is not None else "?" for t in made)
             raise TreeMismatchError(
                 f"optimiser state: got a state of stages ({', '.join(t.__name__ for t in got)}), "
                 f"but this optimiser's init makes ({names}); was it made by another "
