@@ -38,19 +38,29 @@ from .clipping import clip, clip_by_global_norm
 from .dp import DPAggregateState, dp_aggregate, dp_noise_key, make_dp_train_step
 from .factored import AdafactorState, adafactor
 from .guard import FiniteGuardState, all_finite, apply_if_finite, nonfinite_paths
+from .inject import InjectHyperparamsState, inject_hyperparams, set_hyperparams
 from .lookahead import LookaheadState, lookahead, slow_params
 from .masking import MultiTransformState, freeze, masked, multi_transform, set_to_zero
 from .optimizers import adagrad, adam, adamw, rmsprop, sgd
 from .orthogonal import MuonState, muon
 from .schedules import (
+    ReduceLROnPlateauState,
     constant_lr,
     cosine_annealing_lr,
+    cosine_annealing_warm_restarts,
+    cyclic_lr,
+    cyclic_momentum,
     exponential_lr,
     join_schedules,
     lambda_lr,
     linear_lr,
+    multiplicative_lr,
     multistep_lr,
+    one_cycle_lr,
+    one_cycle_momentum,
     polynomial_lr,
+    reduce_lr_on_plateau,
+    report_metric,
     step_lr,
 )
 from .transforms import (
@@ -85,11 +95,13 @@ __all__ = [
     "EmptyState",
     "FiniteGuardState",
     "GradientTransformation",
+    "InjectHyperparamsState",
     "LookaheadState",
     "MultiTransformState",
     "MuonState",
     "NAdamState",
     "RAdamState",
+    "ReduceLROnPlateauState",
     "RpropState",
     "ScaleByAdamState",
     "ScaleByLearningRateState",
@@ -117,7 +129,10 @@ __all__ = [
     "clip_by_global_norm",
     "constant_lr",
     "cosine_annealing_lr",
+    "cosine_annealing_warm_restarts",
     "current_lr",
+    "cyclic_lr",
+    "cyclic_momentum",
     "dp_aggregate",
     "dp_noise_key",
     "ema_avg_fn",
@@ -125,6 +140,7 @@ __all__ = [
     "exponential_lr",
     "freeze",
     "identity",
+    "inject_hyperparams",
     "join_schedules",
     "lambda_lr",
     "linear_lr",
@@ -132,12 +148,17 @@ __all__ = [
     "make_dp_train_step",
     "masked",
     "multi_transform",
+    "multiplicative_lr",
     "multistep_lr",
     "muon",
     "nadam",
     "nonfinite_paths",
+    "one_cycle_lr",
+    "one_cycle_momentum",
     "polynomial_lr",
     "radam",
+    "reduce_lr_on_plateau",
+    "report_metric",
     "rmsprop",
     "rprop",
     "scale",
@@ -146,6 +167,7 @@ __all__ = [
     "scale_by_rms",
     "scale_by_rss",
     "scale_by_schedule",
+    "set_hyperparams",
     "set_to_zero",
     "sgd",
     "slow_params",

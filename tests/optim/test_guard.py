@@ -165,3 +165,19 @@ def test_guarded_step_compiles_to_one_graph_and_skips():
     assert int(ts_c.opt_state.skipped) == 1
     fd.assert_trees_close(ts_c.params, ts_e.params, rtol=1e-4, atol=1e-6)
     assert isinstance(ts_c.opt_state, FiniteGuardState)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop", "adagrad"])
+def test_a_skipped_step_keeps_a_negative_zero_param_on_both_paths(name):
+    """Issue 14's example: update + apply_updates used to add a +0.0 update and turn -0.0
+    into +0.0 where apply_gradients kept -0.0; a skipped step now emits -0.0."""
+    opt = optim.apply_if_finite(getattr(optim, name)(lr=0.1))
+    params = {"w": torch.tensor([-0.0, 0.0, 1.0])}
+    grads = {"w": torch.tensor([1.0, float("nan"), 1.0])}
+    state = opt.init(params)
+    updates, _ = opt.update(grads, state, params)
+    by_update = optim.apply_updates(params, updates)["w"]
+    by_apply = optim.apply_gradients(opt, grads, state, params)[0]["w"]
+    bits = params["w"].view(torch.int32)
+    assert torch.equal(by_update.view(torch.int32), bits)
+    assert torch.equal(by_apply.view(torch.int32), bits)

@@ -1,0 +1,87 @@
+"""Hyperparameters as state (optax's inject_hyperparams): the same steps as the plain
+optimiser, torch's steps when ``param_groups[0]['lr']`` changes between them, and no
+recompilation of a compiled step when they change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from functorch_diary import optim
+from functorch_diary.testing import assert_trees_close
+from tests.helpers import TORCH, dynamo_counts
+
+KWARGS = {
+    "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2},
+    "adam": {"lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 1e-2},
+    "adamw": {"lr": 1e-2, "betas": (0.85, 0.995), "weight_decay": 0.1},
+    "rmsprop": {"lr": 1e-2, "weight_decay": 1e-2},
+    "adagrad": {"lr": 0.1, "weight_decay": 1e-2},
+}
+LRS = [0.1, 0.05, 0.2, 0.0, 0.01]
+
+
+def _tree(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(3, 2, generator=gen, dtype=torch.float64),
+        "b": torch.randn(2, generator=gen, dtype=torch.float64),
+    }
+
+
+@pytest.mark.parametrize("path", ["update", "apply_gradients"])
+@pytest.mark.parametrize("name", list(KWARGS))
+def test_changing_the_injected_lr_between_steps_is_torch_setting_param_groups(name, path):
+    kwargs = KWARGS[name]
+    params = _tree(0)
+    tensors = [nn.Parameter(v.clone()) for v in params.values()]
+    torch_opt = TORCH[name](tensors, foreach=True, **kwargs)
+    opt = optim.inject_hyperparams(getattr(optim, name))(**kwargs)
+    state = opt.init(params)
+    for step, lr in enumerate(LRS):
+        grads = _tree(step + 1)
+        torch_opt.param_groups[0]["lr"] = lr
+        for t, g in zip(tensors, grads.values(), strict=True):
+            t.grad = g.clone()
+        torch_opt.step()
+        state = optim.set_hyperparams(state, lr=lr)
+        assert float(optim.current_lr(state)) == lr
+        if path == "update":
+            updates, state = opt.update(grads, state, params)
+            params = optim.apply_updates(params, updates)
+        else:
+            params, state = optim.apply_gradients(opt, grads, state, params)
+    expected = {k: t.detach() for k, t in zip(params, tensors, strict=True)}
+    assert_trees_close(params, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_set_hyperparams_names_what_is_not_injected():
+    state = optim.inject_hyperparams(optim.sgd)(lr=0.1).init(_tree(0))
+    with pytest.raises(ValueError, match="momentum"):
+        optim.set_hyperparams(state, momentum=0.5)
+
+
+def test_a_compiled_step_does_not_recompile_when_hyperparameters_change():
+    """Adam's lr, weight decay and betas change every step: 0 new graphs after the first
+    (one optimiser: a compile takes seconds here; the others share its stages)."""
+    name = "adam"
+    torch._dynamo.reset()
+    opt = optim.inject_hyperparams(getattr(optim, name))(**KWARGS[name])
+    params = {k: v.float() for k, v in _tree(0).items()}
+    state = opt.init(params)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(grads, state, params):
+        return optim.apply_gradients(opt, grads, state, params)
+
+    grads = {k: v.float() for k, v in _tree(1).items()}
+    params, state = step(grads, state, params)
+    with dynamo_counts() as seen:
+        for i in range(4):
+            changes = {"lr": 0.01 * (i + 1), "weight_decay": 1e-3 * i}
+            changes["betas"] = (0.8 + 0.01 * i, 0.99 + 0.001 * i)
+            state = optim.set_hyperparams(state, **changes)
+            params, state = step(grads, state, params)
+    assert seen == {"graphs": 0, "breaks": 0}
+    assert float(optim.current_lr(state)) == pytest.approx(0.04)
