@@ -24,6 +24,7 @@ from functorch_diary.training.fit import fit
 from functorch_diary.zoo.models import vgg16
 from tests.helpers import write_cifar
 
+
 @pytest.mark.parametrize("protocol", [2, 5])
 def test_batches_load_with_the_documented_pixel_layout(tmp_path, protocol):
     written = write_cifar(tmp_path, protocol=protocol)
