@@ -287,3 +287,34 @@ def test_export_gives_a_state_dict_the_module_twin_loads_with_the_same_logits(tm
     want, _ = mlp().apply(ts.params, ts.state, x)
     with torch.no_grad():
         assert torch.equal(net.eval()(x), want)
+
+
+# ---- the program itself ----
+
+
+def test_the_console_script_and_the_module_print_their_own_names(capsys):
+    from functorch_diary.cli import build_parser
+    from functorch_diary.cli.args import prog_name
+
+    assert prog_name("/venv/bin/functorch-diary") == "functorch-diary"
+    assert prog_name("/repo/functorch_diary/__main__.py") == "python -m functorch_diary"
+    with pytest.raises(SystemExit):
+        build_parser("functorch-diary").parse_args(["--help"])
+    assert capsys.readouterr().out.startswith("usage: functorch-diary ")
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.split()[-1] == metadata.version("functorch-diary")
+
+
+def test_debug_shows_the_traceback_of_a_reported_failure(tmp_path):
+    from functorch_diary.cli.errors import CliError
+
+    write_mnist(tmp_path, n_train=4)
+    with pytest.raises(CliError, match="--batch-size 64 is larger"):
+        main(["train", "mlp", "--data-dir", str(tmp_path), "--batch-size", "64", "--debug"])
