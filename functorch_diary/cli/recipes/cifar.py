@@ -116,8 +116,7 @@ RECIPES = {
         ),
         Recipe(
             name="densenet",
-            description="DenseNet-BC (L=100, k=12) on CIFAR-10 (0.88 in the diary's run), SGD 0.9 + "
-            "wd 1e-4, MultiStepLR",
+            description="DenseNet-BC (L=100, k=12) on CIFAR-10, SGD 0.9 + wd 1e-4, MultiStepLR",
             build_model=partial(densenet_bc, 100, 12, 10),
             load_data=load_cifar_data,
             make_optimizer=partial(_sgd_multistep, 1e-4),
