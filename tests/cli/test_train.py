@@ -42,7 +42,8 @@ def test_train_reads_mnist_idx_from_data_dir_and_writes_metrics(tmp_path, capsys
         ]
     )
     assert code == 0
-    assert "64 training and 16 test images" in capsys.readouterr().out
+    # 64 training images: 6 (10%) held out for validation, the test split untouched.
+    assert "58 training, 6 validation and 16 test images" in capsys.readouterr().out
     with open(tmp_path / "run" / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["epoch"] for row in rows] == ["1", "2"]
@@ -113,13 +114,13 @@ def test_zero_is_a_value_lr_0_is_used_as_given(tmp_path, capsys):
 
 
 def test_a_batch_larger_than_the_data_is_refused_not_a_nan_run(tmp_path, capsys):
-    write_mnist(tmp_path, n_train=20, n_test=8)
+    write_mnist(tmp_path, n_train=20, n_test=8)  # 18 to train on, 2 held out to validate
     argv = ["train", "mlp", "--data-dir", str(tmp_path), "--batch-size", "64", "--no-progress"]
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert "nan" not in captured.out
     err = captured.err
-    assert err.count("\n") == 1 and "--batch-size 64" in err and "20 training images" in err
+    assert err.count("\n") == 1 and "--batch-size 64" in err and "18 training images" in err
 
 
 # ---- damaged or hostile data files: one line naming the file, exit 2 ----
