@@ -144,8 +144,8 @@ def _callbacks(args, recipe: Recipe, settings, history, resumed: bool) -> list:
     if args.out is None:
         return [EarlyStopping(f"val_{recipe.monitor}", mode=recipe.mode, patience=args.patience)
                 ] if args.patience else []  # fmt: skip
-    metadata = {"recipe": recipe.name, **settings,
-                "data_dir": None if args.data_dir is None else str(args.data_dir.resolve())}  # fmt: skip
+    data_dir = None if args.data_dir is None else str(args.data_dir.resolve())
+    metadata = {"recipe": recipe.name, **settings, "data_dir": data_dir}
     callbacks: list = [
         Checkpoint(checkpoint_folder(args.out), every=args.checkpoint_every,
                    keep_last=args.keep, monitor=f"val_{recipe.monitor}", mode=recipe.mode,
