@@ -22,7 +22,10 @@ Example:
     1
 """
 
-from . import checkpoint, data, func, model, optim, prng, training, tree, zoo
+import importlib
+from typing import Any
+
+from . import checkpoint, data, func, model, optim, prng, training, tree
 from .checkpoint import CheckpointError
 from .model import LayerError, Model, State, TreeMismatchError, extract
 from .optim import apply_if_finite
@@ -35,9 +38,20 @@ from .training import (
     make_train_step,
 )
 from .tree import Params
-from .zoo import losses, models
 
 __version__ = "0.1.0"
+
+# The zoo imports torchvision, which imports torch._dynamo, torch._inductor and sympy
+# (seconds): it loads on first use of fd.zoo / fd.models / fd.losses, not on import.
+_LAZY = {"zoo": ".zoo", "models": ".zoo.models", "losses": ".zoo.losses"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name], __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "CheckpointError",
