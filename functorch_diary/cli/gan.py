@@ -167,12 +167,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("variant", choices=sorted(RECIPES), help="which GAN")
     parser.add_argument("--steps", type=_positive_int, help="generator steps in all")
     parser.add_argument("--batch-size", type=_positive_int)
-    parser.add_argument("--image-size", type=int, choices=(28, 32), default=28)
-    parser.add_argument("--latent-dim", type=_positive_int, default=64)
+    parser.add_argument("--image-size", type=int, choices=(28, 32), help="default 28")
+    parser.add_argument("--latent-dim", type=_positive_int, help="default 64")
     parser.add_argument("--width", type=_positive_int, help="feature maps of the networks")
     parser.add_argument("--lr", type=_positive_float, help="both networks' learning rate")
     parser.add_argument("--n-critic", type=_positive_int, help="critic steps per generator step")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="default 0")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--compile",
