@@ -43,6 +43,8 @@ from ..optim.base import GradientTransformation
 from ..training import gan
 from ..training.projections import Projection, clip_params
 from ..zoo.models.dcgan import dcgan_discriminator, dcgan_generator
+from .args import device, non_negative_float, non_negative_int, output_dir, positive_int
+from .errors import CliError, failure
 
 
 @dataclass(frozen=True)
@@ -132,28 +134,6 @@ RECIPES = {
 }
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    """argparse type: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``gan`` command."""
     parser = subparsers.add_parser(
@@ -165,26 +145,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("variant", choices=sorted(RECIPES), help="which GAN")
-    parser.add_argument("--steps", type=_positive_int, help="generator steps in all")
-    parser.add_argument("--batch-size", type=_positive_int)
+    parser.add_argument("--steps", type=positive_int, help="generator steps in all")
+    parser.add_argument("--batch-size", type=positive_int)
     parser.add_argument("--image-size", type=int, choices=(28, 32), help="default 28")
-    parser.add_argument("--latent-dim", type=_positive_int, help="default 64")
-    parser.add_argument("--width", type=_positive_int, help="feature maps of the networks")
-    parser.add_argument("--lr", type=_positive_float, help="both networks' learning rate")
-    parser.add_argument("--n-critic", type=_positive_int, help="critic steps per generator step")
-    parser.add_argument("--seed", type=int, help="default 0")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--latent-dim", type=positive_int, help="default 64")
+    parser.add_argument("--width", type=positive_int, help="feature maps of the networks")
+    parser.add_argument("--lr", type=non_negative_float, help="both networks' learning rate")
+    parser.add_argument("--n-critic", type=positive_int, help="critic steps per generator step")
+    parser.add_argument("--seed", type=non_negative_int, help="default 0")
+    parser.add_argument(
+        "--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="torch.compile the step (default: on for CUDA, off on CPU)",
     )
-    parser.add_argument("--out", type=Path, default=Path("gan_out"), help="output folder")
+    parser.add_argument("--out", type=output_dir, default=Path("gan_out"), help="output folder")
     parser.add_argument(
-        "--checkpoint-every", type=_positive_int, default=100, help="steps between checkpoints"
+        "--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints"
     )
-    parser.add_argument("--keep", type=_positive_int, default=2, help="checkpoints kept")
+    parser.add_argument("--keep", type=positive_int, default=2, help="checkpoints kept")
     parser.add_argument(
         "--resume", type=Path, metavar="DIR", help="continue the run in DIR (its --out)"
     )
@@ -197,17 +179,13 @@ _SETTINGS = ("batch_size", "image_size", "latent_dim", "width", "lr", "n_critic"
 _FIXED = {"image_size": 28, "latent_dim": 64, "seed": 0}
 
 
-class _UsageError(Exception):
-    """A problem with the command line or the resumed folder: one line, exit code 2."""
-
-
 def _settings(recipe: GANRecipe, args: argparse.Namespace, saved: dict | None) -> dict:
     """The run's settings: the checkpoint's when resuming, else the options or defaults."""
     given = {k: getattr(args, k) for k in ("steps", *_SETTINGS) if getattr(args, k) is not None}
     if saved is not None:
         for key, value in given.items():
             if key != "steps" and value != saved[key]:
-                raise _UsageError(
+                raise CliError(
                     f"--{key.replace('_', '-')} {value} differs from the resumed run's "
                     f"{saved[key]}; leave it out to continue that run"
                 )
@@ -325,40 +303,30 @@ def _save_plot(path: Path, names: list[str], history: list[list[float]], title: 
 
 def run(args: argparse.Namespace) -> int:
     """Train the chosen GAN and write samples, metrics and checkpoints; returns the exit code."""
-    try:
-        return _train(args)
-    except (_UsageError, checkpoint.CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
-def _train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     recipe = RECIPES[args.variant]
     out = args.resume if args.resume is not None else args.out
-    saved = None
+    saved, history = None, []
     if args.resume is not None:
         found = checkpoints(args.resume)
         if not found:
-            raise _UsageError(f"--resume {args.resume}: no checkpoints/step_*.ckpt in it")
-        meta = checkpoint.read_metadata(found[-1])
-        if meta["config"]["variant"] != recipe.name:
-            raise _UsageError(
-                f"--resume {args.resume} holds a {meta['config']['variant']} run, not {recipe.name}"
-            )
-        saved = meta["config"]
+            raise CliError(f"--resume {args.resume}: no checkpoints/step_*.ckpt in it")
+        with failure(f"reading {found[-1]}", "resume a folder the gan command wrote"):
+            meta = checkpoint.read_metadata(found[-1])
+            saved, history = meta["config"], meta["history"]
+            variant = saved["variant"]
+        if variant != recipe.name:
+            raise CliError(f"--resume {args.resume} holds a {variant} run, not {recipe.name}")
     cfg = _settings(recipe, args, saved)
     images = load_digits(size=cfg["image_size"]).x_train.to(args.device) * 2 - 1
     generator, gs, step = build(recipe, cfg, args.device, args.compile)
     # All the loop's randomness from one generator on the CPU: the run is reproducible
     # from --seed, and its state is checkpointed so a resumed run draws what it would have.
     rand = torch.Generator().manual_seed(cfg["seed"])
-    history: list[list[float]] = []
     if saved is not None:
         tree = checkpoint.load(found[-1], like={"gan_state": gs, "data_rng": rand.get_state()})
         gs = tree["gan_state"]
         rand.set_state(tree["data_rng"])
-        history = meta["history"]
     first = len(history)
     n_critic, b, latent_dim = cfg["n_critic"], cfg["batch_size"], cfg["latent_dim"]
     names = ["critic_loss", "generator_loss"] + (["gradient_penalty"] * bool(recipe.penalty_weight))
