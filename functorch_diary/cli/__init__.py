@@ -11,11 +11,11 @@ import argparse
 from collections.abc import Sequence
 from importlib import metadata
 
-from . import gan, style, train
+from . import evaluate, export, gan, style, train
 from .args import Parser, prog_name
 from .errors import REPORTED, report
 
-COMMANDS = (train, gan, style)
+COMMANDS = (train, evaluate, export, gan, style)
 
 
 def _version() -> str:

@@ -3,6 +3,7 @@
 import csv
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from functorch_diary.cli import main
+from functorch_diary.tree import tree_leaves
 from tests.helpers import write_cifar, write_idx, write_mnist
 
 
@@ -40,7 +42,8 @@ def test_train_reads_mnist_idx_from_data_dir_and_writes_metrics(tmp_path, capsys
         ]
     )
     assert code == 0
-    assert "64 training and 16 test images" in capsys.readouterr().out
+    # 64 training images: 6 (10%) held out for validation, the test split untouched.
+    assert "58 training, 6 validation and 16 test images" in capsys.readouterr().out
     with open(tmp_path / "run" / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["epoch"] for row in rows] == ["1", "2"]
@@ -111,13 +114,13 @@ def test_zero_is_a_value_lr_0_is_used_as_given(tmp_path, capsys):
 
 
 def test_a_batch_larger_than_the_data_is_refused_not_a_nan_run(tmp_path, capsys):
-    write_mnist(tmp_path, n_train=20, n_test=8)
+    write_mnist(tmp_path, n_train=20, n_test=8)  # 18 to train on, 2 held out to validate
     argv = ["train", "mlp", "--data-dir", str(tmp_path), "--batch-size", "64", "--no-progress"]
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert "nan" not in captured.out
     err = captured.err
-    assert err.count("\n") == 1 and "--batch-size 64" in err and "20 training images" in err
+    assert err.count("\n") == 1 and "--batch-size 64" in err and "18 training images" in err
 
 
 # ---- damaged or hostile data files: one line naming the file, exit 2 ----
@@ -178,3 +181,141 @@ def test_label_count_mismatch_is_one_line_naming_both_files(tmp_path, capsys):
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(19, np.uint8))
     err = _data_error(capsys, "lenet", tmp_path)
     assert "20 images" in err and "19 labels" in err and "train-labels-idx1-ubyte" in err
+
+
+# ---- checkpoints, resume, evaluate, export ----
+
+
+def _run_dir(tmp_path, name, *extra):
+    """A 3-epoch MLP run on small IDX files, into tmp_path/name; returns the folder."""
+    data = tmp_path / "mnist"
+    if not data.exists():
+        write_mnist(data, n_train=40, n_test=16)
+    out = tmp_path / name
+    argv = ["train", "mlp", "--data-dir", str(data), "--epochs", "3", "--batch-size", "12",
+            "--seed", "3", "--out", str(out), "--keep", "0", "--no-progress", *extra]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def _final_state(out):
+    from functorch_diary.cli.runs import restore
+
+    _, ts, _ = restore("checkpoint", out / "checkpoints" / "epoch-000003.ckpt", "cpu")
+    return ts
+
+
+def _rows(out):
+    with open(out / "metrics.csv") as handle:
+        return [{k: v for k, v in row.items() if k not in ("seconds", "samples_per_second")}
+                for row in csv.DictReader(handle)]  # fmt: skip
+
+
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(tmp_path, capsys):
+    whole = _run_dir(tmp_path, "whole")
+    # What a run killed after epoch 1's checkpoint leaves: that checkpoint (saves are
+    # atomic) and logs that may run past it (here: the CSV rows and TensorBoard events of
+    # epochs 2 and 3, which the resumed run must replace, not repeat).
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    for epoch in (2, 3):
+        (cut / "checkpoints" / f"epoch-00000{epoch}.ckpt").unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(cut), "--no-progress"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    want, got = _final_state(whole), _final_state(cut)
+    for name, value in want.params.items():
+        assert torch.equal(got.params[name], value), name
+    for a, b in zip(tree_leaves(got), tree_leaves(want), strict=True):
+        assert torch.equal(a, b)
+    assert _rows(cut) == _rows(whole)  # the log restarts from the checkpoint's history
+    assert (cut / "metrics.png").stat().st_size > 0
+
+
+def test_resume_with_other_settings_or_a_damaged_checkpoint_is_one_line(tmp_path, capsys):
+    out = _run_dir(tmp_path, "run")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--batch-size 4 differs" in err
+    last = out / "checkpoints" / "epoch-000003.ckpt"
+    last.write_bytes(last.read_bytes()[:-100])
+    assert main(["train", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(last) in err and "Traceback" not in err
+
+
+def test_run_writes_csv_tensorboard_plot_and_evaluate_prints_test_metrics(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = _run_dir(tmp_path, "run", "--log-every", "1")
+    trained = capsys.readouterr().out
+    assert [row["epoch"] for row in _rows(out)] == ["1", "2", "3"]
+    assert {"lr", "val_accuracy", "val_loss", "train_loss"} <= set(_rows(out)[0])
+    with open(out / "steps.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 9  # 36 training images / 12, 3 epochs
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert len(events.Scalars("epoch/lr")) == 3 and len(events.Scalars("step/train_loss")) == 9
+    assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    last = out / "checkpoints" / "epoch-000003.ckpt"
+    assert main(["evaluate", str(last)]) == 0
+    evaluated = capsys.readouterr().out
+    accuracy = trained.split("test accuracy: ")[1].split()[0]
+    assert f"test accuracy {accuracy}" in evaluated and "16 test images" in evaluated
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_export_gives_a_state_dict_the_module_twin_loads_with_the_same_logits(tmp_path, suffix):
+    from functorch_diary.zoo.models.mlp import MLP
+
+    out = _run_dir(tmp_path, "run")
+    last = out / "checkpoints" / "epoch-000003.ckpt"
+    target = tmp_path / f"model{suffix}"
+    assert main(["export", str(last), "--out", str(target)]) == 0
+    if suffix == ".pt":
+        state_dict = torch.load(target, weights_only=True)
+    else:
+        from safetensors.torch import load_file
+
+        state_dict = load_file(target)
+    net = MLP()
+    net.load_state_dict(state_dict)  # strict: exactly the module's keys and shapes
+    ts = _final_state(out)
+    x = torch.rand(5, 1, 28, 28)
+    from functorch_diary.zoo.models import mlp
+
+    want, _ = mlp().apply(ts.params, ts.state, x)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), want)
+
+
+# ---- the program itself ----
+
+
+def test_the_console_script_and_the_module_print_their_own_names(capsys):
+    from functorch_diary.cli import build_parser
+    from functorch_diary.cli.args import prog_name
+
+    assert prog_name("/venv/bin/functorch-diary") == "functorch-diary"
+    assert prog_name("/repo/functorch_diary/__main__.py") == "python -m functorch_diary"
+    with pytest.raises(SystemExit):
+        build_parser("functorch-diary").parse_args(["--help"])
+    assert capsys.readouterr().out.startswith("usage: functorch-diary ")
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.split()[-1] == metadata.version("functorch-diary")
+
+
+def test_debug_shows_the_traceback_of_a_reported_failure(tmp_path):
+    from functorch_diary.cli.errors import CliError
+
+    write_mnist(tmp_path, n_train=4)
+    with pytest.raises(CliError, match="--batch-size 64 is larger"):
+        main(["train", "mlp", "--data-dir", str(tmp_path), "--batch-size", "64", "--debug"])

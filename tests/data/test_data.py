@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from functorch_diary.data import MNIST_FILES, batches, load_digits, load_mnist_idx
-from tests.helpers import write_mnist
+from tests.helpers import write_idx, write_mnist
 
 
 @pytest.mark.parametrize("gz", [False, True])
@@ -39,6 +39,27 @@ def test_mnist_bad_header_and_truncation_are_clear(tmp_path):
         load_mnist_idx(tmp_path)
     labels.write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 20)
     with pytest.raises(ValueError, match="bad header"):
+        load_mnist_idx(tmp_path)
+
+
+def test_mnist_forged_sizes_and_bad_labels_are_clear(tmp_path):
+    write_mnist(tmp_path)
+    images = tmp_path / "train-images-idx3-ubyte"
+    # Sizes whose product overflows int64: compared exactly, so reported as a mismatch.
+    images.write_bytes(b"\x00\x00\x08\x03" + b"\xff\xff\xff\xff" * 3 + b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"truncated or corrupted: header says \(4294967295"):
+        load_mnist_idx(tmp_path)
+    write_mnist(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.full(10, 12, np.uint8))
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte: labels must lie in \[0, 9\]"):
+        load_mnist_idx(tmp_path)
+
+
+def test_mnist_truncated_gzip_names_the_file(tmp_path):
+    write_mnist(tmp_path, gz=True)
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:12])
+    with pytest.raises(ValueError, match=r"idx1-ubyte\.gz is a truncated or corrupted gzip"):
         load_mnist_idx(tmp_path)
 
 

@@ -1,11 +1,11 @@
-"""CIFAR-10 recipes of seed 000 (days 1-4): ResNet-18, VGG16 and DenseNet-BC.
+"""CIFAR-10 recipes: ResNet-18, VGG16 and DenseNet-BC, trained the classic way.
 
-Seed 000's optimiser and schedule, for all three::
+The usual CIFAR schedule, SGD with momentum and step decay, for all three::
 
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[50000, 75000], gamma=0.1)
 
-The seed's milestones are absolute step counts; here they sit at 50% and 75% of the run,
+Those milestones are absolute step counts; here they sit at 50% and 75% of the run,
 so they scale with ``--epochs``. VGG16 takes the usual CIFAR setting for a
 16-layer plain network: BatchNorm, lr 0.05, weight decay 5e-4. Training batches get the
 standard CIFAR augmentation (random 4-pixel-padded crop, horizontal flip), drawn from the
@@ -116,8 +116,7 @@ RECIPES = {
         ),
         Recipe(
             name="densenet",
-            description="DenseNet-BC (L=100, k=12) on CIFAR-10 (seed 000: 0.88), SGD 0.9 + "
-            "wd 1e-4, MultiStepLR",
+            description="DenseNet-BC (L=100, k=12) on CIFAR-10, SGD 0.9 + wd 1e-4, MultiStepLR",
             build_model=partial(densenet_bc, 100, 12, 10),
             load_data=load_cifar_data,
             make_optimizer=partial(_sgd_multistep, 1e-4),

@@ -1,4 +1,4 @@
-"""Recipes on handwritten digits: LeNet, the MLP and logistic regression of seed 004.
+"""Recipes on handwritten digits: LeNet-5, a one-hidden-layer MLP and logistic regression.
 
 With no ``--data-dir`` they train on scikit-learn's bundled digits (upsampled to
 28x28); with ``--data-dir`` they read MNIST's IDX files from it.
@@ -38,17 +38,19 @@ RECIPES = {
     for recipe in (
         Recipe(
             name="lenet",
-            description="seed 004's LeNet-5 (sigmoid, max pooling) on 28x28 digits, Adam",
+            description="LeNet-5 (sigmoid, max pooling) on 28x28 digits, Adam",
             build_model=lenet,
             load_data=_digits_or_mnist,
             make_optimizer=_adam,
             epochs=30,
             batch_size=32,
-            lr=5e-3,
+            # 3e-3 with 10% of the images held out for validation: 0.975 test accuracy at
+            # seed 0, where 5e-3 (tuned on all of them) gives 0.944.
+            lr=3e-3,
         ),
         Recipe(
             name="mlp",
-            description="seed 004's MLP 784-256-10 on 28x28 digits, Adam",
+            description="MLP 784-256-10 on 28x28 digits, Adam",
             build_model=mlp,
             load_data=_digits_or_mnist,
             make_optimizer=_adam,
@@ -58,7 +60,7 @@ RECIPES = {
         ),
         Recipe(
             name="logreg",
-            description="seed 004's logistic regression on 28x28 digits, Adam",
+            description="logistic regression on 28x28 digits, Adam",
             build_model=logistic_regression,
             load_data=_digits_or_mnist,
             make_optimizer=_adam,
