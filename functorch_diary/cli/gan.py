@@ -13,7 +13,8 @@ no download: scikit-learn's 8x8 digits, upsampled to 28x28 (or 32x32) and scaled
 
 Writes to ``--out``: ``samples.png`` (an 8x8 grid of samples from fixed noise, upscaled
 so the digits are visible), ``metrics.csv`` (every metric, every step, streamed),
-``metrics.png`` (the losses and, for WGAN-GP, the gradient penalty) and checkpoints of
+``metrics.png`` (the losses and, for WGAN-GP, the gradient penalty), TensorBoard event
+files (``tensorboard/``, scalars ``step/<metric>``) and checkpoints of
 both networks and the loop (``checkpoints/step_*.ckpt``, the project's safe format);
 ``--resume DIR`` continues a run from its latest checkpoint, bit for bit.
 
@@ -46,6 +47,7 @@ from ..model import reparam
 from ..model.core import Model
 from ..optim.base import GradientTransformation
 from ..training import gan
+from ..training.loggers import TensorBoard
 from ..training.projections import Projection, clip_params
 from ..zoo.models.dcgan import dcgan_discriminator, dcgan_generator
 from .args import device, non_negative_float, non_negative_int, output_dir, positive_int
@@ -352,6 +354,8 @@ def run(args: argparse.Namespace) -> int:
         for old in checkpoints(out)[: -args.keep]:
             old.unlink()
 
+    # TensorBoard drops the events past the resumed step, so no step shows twice.
+    board = TensorBoard(out / "tensorboard", purge_step=first if first else None)
     with open(out / "metrics.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["step", *names])
@@ -374,11 +378,13 @@ def run(args: argparse.Namespace) -> int:
             history.append(row)
             writer.writerow(row)
             handle.flush()
+            board.on_step(None, dict(zip(["step", *names], row, strict=True)))
             bar.set_postfix(
                 {n.split("_")[0]: f"{v:.3f}" for n, v in zip(names, row[1:], strict=True)}
             )
             if (t + 1) % args.checkpoint_every == 0:
                 save_checkpoint()
+    board.on_end(None, [])
     if not checkpoints(out) or checkpoints(out)[-1].name != f"step_{len(history):08d}.ckpt":
         save_checkpoint()
     _save_grid(sample(generator, gs, 64, latent_dim), out / "samples.png", scale=3)
@@ -388,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
         f"{n.replace('_', ' ')} {v:.4f}" for n, v in zip(names, history[-1][1:], strict=True)
     )
     print(
-        f"step {len(history)}: {last}; wrote samples.png, metrics.png, metrics.csv and "
-        f"checkpoints/ to {out} in {time.perf_counter() - start:.1f} s"
+        f"step {len(history)}: {last}; wrote samples.png, metrics.png, metrics.csv, "
+        f"tensorboard/ and checkpoints/ to {out} in {time.perf_counter() - start:.1f} s"
     )
     return 0

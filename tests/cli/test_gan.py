@@ -17,6 +17,14 @@ from functorch_diary.testing import assert_trees_close
 TINY = ["--batch-size", "4", "--width", "2", "--latent-dim", "4", "--no-progress"]
 
 
+def _events(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(folder / "tensorboard"))
+    board.Reload()
+    return board
+
+
 def _rows(folder) -> list[dict[str, str]]:
     with open(folder / "metrics.csv") as handle:
         return list(csv.DictReader(handle))
@@ -48,6 +56,13 @@ def test_short_run_writes_samples_metrics_and_checkpoints(variant, metrics, tmp_
     gs, _, _ = gan_cli.load_run(last)
     assert int(gs.generator.step) == 3 and int(gs.critic.step) == 3 * 2
     assert "step 3:" in capsys.readouterr().out
+    # The same metrics as TensorBoard scalars, read back with tensorboard's own reader.
+    board = _events(out)
+    assert sorted(board.Tags()["scalars"]) == sorted(f"step/{m}" for m in metrics)
+    assert [e.step for e in board.Scalars("step/critic_loss")] == [0, 1, 2]
+    assert board.Scalars("step/generator_loss")[2].value == pytest.approx(
+        float(rows[2]["generator_loss"]), rel=1e-6
+    )
 
 
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
@@ -69,6 +84,9 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
     expected, _, _ = gan_cli.load_run(gan_cli.checkpoints(whole)[-1])
     assert_trees_close(resumed, expected)  # bit for bit
     assert (cut / "metrics.csv").read_text() == (whole / "metrics.csv").read_text()
+    # TensorBoard: the resumed steps replace the crashed run's events, none twice.
+    steps = [e.step for e in _events(cut).Scalars("step/gradient_penalty")]
+    assert steps == [0, 1, 2, 3]
     # A longer --steps continues the same run.
     assert main(["gan", "wgan-gp", "--steps", "5", "--resume", str(cut), "--no-progress"]) == 0
     assert [int(r["step"]) for r in _rows(cut)] == [0, 1, 2, 3, 4]
