@@ -96,6 +96,7 @@ print(f"classifier on the {len(x_test)} held-out test digits: {reference}")
 
 # --- 2./3. each GAN at its defaults, then its samples -----------------------------------------
 rows = {}
+args.results.parent.mkdir(parents=True, exist_ok=True)
 runs = Path(tempfile.mkdtemp(prefix="gan_quality_"))
 for variant in args.variants:
     out = runs / variant
@@ -123,7 +124,6 @@ for variant, r in rows.items():
         f"{variant:<8} {r['wall_s']:>7} {r['process_cpu_s']:>7} {r['mean_top_probability']:>9}"
         f" {r['classes_present']:>8}  {u['mean_top_probability']} / {u['classes_present']}"
     )
-args.results.parent.mkdir(parents=True, exist_ok=True)
 args.results.write_text(
     json.dumps(
         {
