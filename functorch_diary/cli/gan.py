@@ -25,6 +25,21 @@ for 10^5 generator steps, these for 10^3. WGAN uses RMSprop at 5e-4, ten times t
 paper's 5e-5 (300 steps at 5e-5 gave grey noise); WGAN-GP uses the paper's
 Adam betas (0, 0.9) at 5e-4 instead of 1e-4; SN-GAN keeps its Adam 2e-4 (0.5, 0.999),
 one critic step per generator step, for 3000 steps.
+
+Example (a tiny run; then the trained generator from its last checkpoint):
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from functorch_diary.cli import gan, main
+    >>> out = Path(tempfile.mkdtemp())
+    >>> main(["gan", "sngan", "--steps", "2", "--width", "2", "--batch-size", "4",
+    ...       "--out", str(out), "--no-progress"])
+    sngan: 1438 digits at 28x28, steps 1-2 of 1 critic + 1 generator update, ...
+    step 2: critic loss ..., generator loss ...; wrote samples.png, ...
+    0
+    >>> gs, settings, generator = gan.load_run(gan.checkpoints(out)[-1])
+    >>> images = gan.sample(generator, gs, 3, settings["latent_dim"])
+    >>> int(gs.generator.step), settings["width"], tuple(images.shape)
+    (2, 2, (3, 1, 28, 28))
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ import csv
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,7 +232,9 @@ def _models(recipe: GANRecipe, cfg: dict) -> tuple[Model, Model]:
     return generator, critic
 
 
-def build(recipe: GANRecipe, cfg: dict, device: str, compile: bool | None = None):
+def build(
+    recipe: GANRecipe, cfg: dict, device: str, compile: bool | None = None
+) -> tuple[Model, gan.GANState, Callable[..., tuple[gan.GANState, dict[str, Tensor]]]]:
     """The generator, the fresh ``GANState`` and the pure GAN step of a run's settings.
 
     Returns ``(generator, gan_state, step)``; ``step(gan_state, reals, zs, alphas)`` as
