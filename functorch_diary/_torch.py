@@ -7,12 +7,21 @@ named test instead of silently taking the slow path.
 
 from __future__ import annotations
 
+import linecache
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 
-__all__ = ["functorch_transform_active", "optional", "weight_norm"]
+__all__ = [
+    "FUSED_KERNELS",
+    "exec_fx_graph",
+    "functorch_transform_active",
+    "is_functorch_wrapped",
+    "optional",
+    "weight_norm",
+]
 
 
 def functorch_transform_active() -> bool | None:
@@ -41,3 +50,32 @@ def weight_norm(v: Tensor, g: Tensor, dim: int, *, private: bool = True) -> Tens
     if kernel is not None:
         return kernel(v, g, dim)
     return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
+def _all_wrapped(tensor: Tensor) -> bool:
+    return True
+
+
+#: Whether a tensor is a ``torch.func`` wrapper (a vmap or grad level); without the private
+#: check every tensor counts as wrapped, so in-place fast paths are never taken.
+is_functorch_wrapped: Callable[[Tensor], bool] = (
+    optional(optional(torch._C, "_functorch"), "is_functorch_wrapped_tensor") or _all_wrapped
+)
+
+#: torch's fused CPU optimiser kernels (what ``torch.optim.X(fused=True)`` runs), ``None``
+#: where a release lacks one: ``optim.fused`` then takes the checked ``update`` path.
+FUSED_KERNELS: dict[str, Callable[..., Any] | None] = {
+    name: optional(torch, f"_fused_{name}_") for name in ("sgd", "adam", "adamw", "adagrad")
+}
+
+
+def exec_fx_graph(graph: fx.Graph, label: str) -> Callable[..., Any]:
+    """The ``forward(self, ...)`` function that fx generates for ``graph``, executed from its
+    source (fx's own ``GraphModule`` does the same), registered with linecache so that
+    tracebacks through it show the generated lines."""
+    code = graph.python_code(root_module="self")
+    filename = f"<functorch_diary {label}>"
+    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
+    namespace = dict(code.globals)
+    exec(compile(code.src, filename, "exec"), namespace)
+    return namespace["forward"]

@@ -36,3 +36,29 @@ def test_weight_norm_kernel_and_its_public_fallback_match_torch(dim):
 
 def test_optional_names_a_missing_symbol_as_none():
     assert _torch.optional(torch, "_no_such_kernel") is None
+
+
+def test_the_fused_optimiser_kernels_are_still_there():
+    missing = [name for name, kernel in _torch.FUSED_KERNELS.items() if kernel is None]
+    assert not missing, (
+        f"torch._fused_{{{','.join(missing)}}}_ are gone: optim.apply_gradients now takes the "
+        "checked update path (still torch's numbers, no longer bit for bit with fused=True)"
+    )
+
+
+def test_functorch_wrappers_are_still_recognised():
+    seen = []
+    vmap(lambda x: seen.append(_torch.is_functorch_wrapped(x)) or x)(torch.ones(2, 1))
+    assert seen == [True] and not _torch.is_functorch_wrapped(torch.ones(1)), (
+        "torch._C._functorch.is_functorch_wrapped_tensor is gone or changed: eager in-place "
+        "optimiser fast paths are now never taken"
+    )
+    assert _torch._all_wrapped(torch.ones(1))  # the fallback: never take the fast path
+
+
+def test_fx_generated_code_runs_as_its_graph_module():
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU())
+    traced = torch.fx.symbolic_trace(module)
+    forward = _torch.exec_fx_graph(traced.graph, "test")
+    x = torch.randn(4, 3)
+    assert torch.equal(forward(traced, x), module(x))

@@ -37,7 +37,6 @@ Example:
 
 from __future__ import annotations
 
-import linecache
 import math
 import operator
 import re
@@ -49,6 +48,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.func import grad_and_value
 
+from .._torch import exec_fx_graph
 from ..training.step import LossFn
 from ..tree import Params, tree_map
 from .core import Model, State
@@ -57,6 +57,7 @@ from .reparam import Reparametrized
 __all__ = ["IntermediateGrads", "intermediate_grads", "intermediates", "node_names"]
 
 Names = Sequence[str] | Mapping[str, str]
+
 
 def _tracer() -> fx.Tracer:
     # torchvision is imported here, not with the package: importing it loads its model
@@ -153,16 +154,6 @@ def _rewrite(root: nn.Module, graph: fx.Graph, nodes: dict[str, fx.Node], taps: 
     graph.lint()
 
 
-def _compile(graph: fx.Graph, label: str) -> Callable[..., Any]:
-    code = graph.python_code(root_module="self")
-    filename = f"<functorch_diary.model.features {label}>"
-    # Registered with linecache so tracebacks through the generated forward show its source.
-    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
-    namespace = dict(code.globals)
-    exec(compile(code.src, filename, "exec"), namespace)
-    return namespace["forward"]
-
-
 class _Extracted(nn.Module):
     """The root module's own parameters, buffers and children, adopted under the same
     names and in the same order, with a rewritten ``forward`` per mode."""
@@ -170,12 +161,12 @@ class _Extracted(nn.Module):
     def __init__(self, root: nn.Module, forwards: dict[bool, Callable[..., Any]]) -> None:
         super().__init__()
         self._forwards = forwards
-        for name, param in root._parameters.items():
+        persistent = set(root.state_dict(keep_vars=True))
+        for name, param in root.named_parameters(recurse=False, remove_duplicate=False):
             self.register_parameter(name, param)
-        for name, buffer in root._buffers.items():
-            persistent = name not in root._non_persistent_buffers_set
-            self.register_buffer(name, buffer, persistent=persistent)
-        for name, child in root._modules.items():
+        for name, buffer in root.named_buffers(recurse=False, remove_duplicate=False):
+            self.register_buffer(name, buffer, persistent=name in persistent)
+        for name, child in root.named_children():
             self.add_module(name, child)
         self.train(root.training)
 
@@ -201,7 +192,9 @@ def _build(factory: Callable[[], nn.Module], aliases: dict[str, str], taps: bool
                     f"{node.target!r}, a tensor that is neither a parameter nor a buffer"
                 )
         _rewrite(root, graph, nodes, taps)
-        forwards[train] = _compile(graph, f"{type(root).__name__} {'train' if train else 'eval'}")
+        forwards[train] = exec_fx_graph(
+            graph, f"{type(root).__name__} {'train' if train else 'eval'}"
+        )
     return _Extracted(root, forwards)
 
 

@@ -21,10 +21,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._torch import is_functorch_wrapped
+
 __all__ = ["eager_leaves", "host_number"]
 
 
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _requires_grad = operator.attrgetter("requires_grad")
 
 
@@ -43,7 +44,7 @@ def eager_leaves(*leaf_lists: Sequence[Tensor]) -> bool:
     leaves = [t for leaf_list in leaf_lists for t in leaf_list]
     # Any leaf may be the wrapped one: vmap over params alone leaves the grads plain.
     # (map over the C functions: this runs on every eager step, over every leaf.)
-    if not leaves or any(map(_is_wrapped, leaves)):
+    if not leaves or any(map(is_functorch_wrapped, leaves)):
         return False
     return not (torch.is_grad_enabled() and any(map(_requires_grad, leaves)))
 
@@ -59,6 +60,6 @@ def host_number(value: float | Tensor) -> float | None:
     """
     if not isinstance(value, Tensor):
         return value
-    if value.device.type != "cpu" or _is_wrapped(value):
+    if value.device.type != "cpu" or is_functorch_wrapped(value):
         return None
     return value.item()

@@ -32,6 +32,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._torch import FUSED_KERNELS
+
 __all__ = ["adagrad", "adam", "rmsprop", "runs_on", "sgd"]
 
 
@@ -47,7 +49,7 @@ def runs_on(params: Sequence[Tensor], *columns: Sequence[Tensor]) -> bool:
         >>> runs_on([torch.ones(1, device="meta")]), runs_on([])
         (False, False)
     """
-    if not params or params[0].device.type != "cpu":
+    if not params or params[0].device.type != "cpu" or None in FUSED_KERNELS.values():
         return False
     if any(len(column) != len(params) for column in columns):
         return False
@@ -107,7 +109,7 @@ def adam(
     """
     new_params, new_mu, new_nu = _copies(params, params), _copies(mu, params), _copies(nu, params)
     new_max = _copies(nu_max, params) if nu_max is not None else []
-    kernel = torch._fused_adamw_ if weight_decay else torch._fused_adam_
+    kernel = FUSED_KERNELS["adamw" if weight_decay else "adam"]
     kernel(
         new_params,
         _laid_out_like(grads, new_params),
@@ -160,7 +162,7 @@ def sgd(
     """
     new_params = _copies(params, params)
     new_buffers = _copies(buffers, params) if buffers is not None else []
-    torch._fused_sgd_(
+    FUSED_KERNELS["sgd"](
         new_params,
         _laid_out_like(grads, new_params),
         new_buffers,
@@ -198,7 +200,7 @@ def adagrad(
     new_params, new_sums = _copies(params, params), _copies(sums, params)
     # lr_decay=0 makes the kernel's clr = lr / (1 + (step - 1) * 0) exactly lr: the decay
     # is already in ``lr``, so the step count does not matter.
-    torch._fused_adagrad_(
+    FUSED_KERNELS["adagrad"](
         new_params,
         _laid_out_like(grads, new_params),
         new_sums,
