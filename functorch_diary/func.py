@@ -1,6 +1,6 @@
 """``torch.func`` power tools over ``Model`` s and param pytrees.
 
-The diaries reach for loops, hooks, ``requires_grad_(False)`` and ``retain_graph`` where
+Imperative code reaches for loops, hooks, ``requires_grad_(False)`` and ``retain_graph`` where
 a function transformation says the same thing in one line:
 
 - :func:`per_sample_grads`: one gradient per example (``vmap(grad)``), for any model
@@ -8,7 +8,7 @@ a function transformation says the same thing in one line:
 - :func:`jvp`, :func:`hvp`, :func:`jacobian`, :func:`ravel` over param pytrees;
 - :func:`input_grads` / :func:`saliency` (gradient w.r.t. the inputs) and
   :func:`subset_grads` (gradient w.r.t. the params a :func:`~functorch_diary.tree.select`
-  selector picks, the rest frozen: seed 000's ``requires_grad_(False)``).
+  selector picks, the rest frozen: ``requires_grad_(False)`` without the flag).
 
 Example:
     >>> import torch
@@ -271,8 +271,8 @@ def subset_grads(
     """Build ``f(params, state, inputs, targets, rng=None) -> (grads, (loss, new_state))``
     where ``grads`` holds only the params ``wrt`` selects; the others are constants.
 
-    This is seed 000's ``p.requires_grad_(False)`` and seed 002's "only update a few
-    nodes" with nothing mutated: feed ``grads`` to an optimiser initialised on the same
+    This is ``p.requires_grad_(False)`` and "only update a few nodes" with nothing
+    mutated: feed ``grads`` to an optimiser initialised on the same
     subset and merge back with ``{**params, **new_subset}``.
 
     Example:

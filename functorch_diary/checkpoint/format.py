@@ -1,8 +1,9 @@
 """The checkpoint file format: any pytree, safe to load, atomic to write, any device.
 
-The diaries save with ``torch.save`` (a pickle: loading a file from elsewhere can run
-code) straight over the previous file (a crash mid-write loses both), and seed 004 meets
-``Attempting to deserialize object on CUDA device 3 but torch.cuda.device_count() is 2``.
+The usual loop saves with ``torch.save`` (a pickle: loading a file from elsewhere can
+run code) straight over the previous file (a crash mid-write loses both), and a file
+saved on a bigger machine fails with ``Attempting to deserialize object on CUDA device 3
+but torch.cuda.device_count() is 2``.
 Here a checkpoint is a small file format of our own, with no pickle anywhere::
 
     magic (8 bytes) | header length (8 bytes, LE) | header (JSON) | data | SHA-256 (32 bytes)

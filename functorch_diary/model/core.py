@@ -242,7 +242,7 @@ class Model:
     def paths_of(self, *module_types: type[nn.Module], leaf: str = "weight") -> list[str]:
         """The param paths called ``leaf`` in every submodule of one of ``module_types``.
 
-        The functional form of seed 000's ``for m in self.modules(): if isinstance(m,
+        The functional form of the imperative ``for m in self.modules(): if isinstance(m,
         nn.Conv2d): ...``: the result is a selector for :func:`~functorch_diary.tree.select`.
 
         Example:

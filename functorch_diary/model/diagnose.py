@@ -1,7 +1,8 @@
 """Turn an error raised deep inside a layer into one that names the layer.
 
-Seed 004 spends an afternoon on ``Given groups=1, weight of size [64, 3, 3, 3], expected
-input[4, 64, 158, 158] to have 3 channels, but got 64 channels instead``: torch says
+A UNet with one wrong ``in_channels`` fails with ``Given groups=1, weight of size
+[64, 3, 3, 3], expected input[4, 64, 158, 158] to have 3 channels, but got 64 channels
+instead``: torch says
 what failed, not *where*. On that error path only, :func:`locate_layer_error` runs the
 forward again on a copy of the template with forward hooks that keep the stack of
 running submodules; the deepest one when the error comes back is the failing layer. It
@@ -9,10 +10,11 @@ reports the layer's path, its definition, the shapes it received and what to cha
 The copy keeps the model's own template free of hooks, and nothing runs when there is
 no error.
 
-:func:`stack_batch` is ``torch.stack`` for a list of samples with seed 004's mixed image
-sizes reported as such, with the fixes that keep a batch rectangular.
+:func:`stack_batch` is ``torch.stack`` for a list of samples with mixed image sizes
+(say 320x320 next to random 192x192 crops) reported as such, with the fixes that keep a
+batch rectangular.
 
-The same re-run notices layers *created inside* ``forward`` (seed 000, Day 3: their
+The same re-run notices layers *created inside* ``forward`` (the classic bug: their
 weights are not parameters, so they are never trained and are not moved to the GPU):
 :func:`layers_created_in_forward`.
 
@@ -68,7 +70,7 @@ class LayerError(RuntimeError):
 def check_has_forward(module: nn.Module) -> None:
     """Raise a clear ``TypeError`` when ``module`` has no ``forward`` (``ModuleList``...).
 
-    Seed 003 and 004 note that ``nn.ModuleList``/``nn.ModuleDict`` are containers, not
+    ``nn.ModuleList``/``nn.ModuleDict`` are containers, not
     networks: calling one raises ``NotImplementedError`` at the first batch. Checking the
     class when a ``Model`` is built reports it before any training starts.
 
@@ -223,7 +225,7 @@ def layers_created_in_forward(
 ) -> list[str]:
     """Parameters that the forward of ``template`` creates while it runs (should be none).
 
-    Seed 000's Day 3 bug: ``nn.Conv2d`` built inside ``forward``. Its weights are not in
+    The classic bug of an ``nn.Conv2d`` built inside ``forward``. Its weights are not in
     ``params``: they are re-drawn on every call, never trained, and stay on the CPU when
     the params are on the GPU. Run this once on an example batch to be sure.
 
@@ -256,8 +258,8 @@ def layers_created_in_forward(
 def stack_batch(samples: Sequence[Tensor]) -> Tensor:
     """``torch.stack(samples)``, with a clear error when the samples' shapes differ.
 
-    Seed 004 (section 8) mixes 320x320 and randomly cropped 192x192 images after offline
-    augmentation; the batch cannot be one tensor.
+    Offline augmentation can mix 320x320 images with randomly cropped 192x192 ones;
+    such a batch cannot be one tensor.
 
     Raises:
         ValueError: naming the first sample whose shape differs from sample 0's, both

@@ -1,6 +1,6 @@
 """What replaces hooks: intermediate values and their gradients, returned by a call.
 
-Seed 003 (section 2.1.6) reaches intermediate layers with ``register_forward_hook``
+Imperative code reaches intermediate layers with ``register_forward_hook``
 (values) and ``y.register_hook`` (gradients): callbacks that write into outside
 variables, which no function transformation can see through. Here the model's
 ``torch.fx`` graph is rewritten instead:
@@ -20,8 +20,9 @@ a module's path (``"features.1"``, VGG19's relu1_1) or a function call inside a 
 (``"layer1.0.add"``); a module path that is not a leaf names its last node (``"conv"``).
 
 Activations that a later layer would overwrite in place (torchvision's
-``ReLU(inplace=True)``) are computed out of place here: seed 000 item 6 returns
-``net_1_1``'s conv output, and the next slice's in-place ReLU silently rewrites it.
+``ReLU(inplace=True)``) are computed out of place here: a VGG19 cut into slices that
+returns a slice's last conv output has it silently rewritten by the next slice's
+in-place ReLU.
 
 Example:
     >>> import torch
@@ -253,7 +254,7 @@ def intermediate_grads(
     """Build ``f(params, state, inputs, targets, *, train=False, rng=None) ->
     IntermediateGrads``: the gradient of the loss w.r.t. named intermediates.
 
-    This is what ``y.register_hook(save_grad)`` records in seed 003, returned instead of
+    This is what ``y.register_hook(save_grad)`` records, returned instead of
     written into an outer variable, so it composes with ``vmap``, ``grad`` and
     ``torch.compile``.
 

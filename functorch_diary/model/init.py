@@ -1,7 +1,7 @@
 """Initialisers as pure maps over params, chosen by path selection.
 
-Seed 000's ``for m in self.modules(): if isinstance(m, nn.Conv2d): kaiming_normal_(...)``
-and seed 002's ``weights_init('gaussian' | 'xavier' | 'kaiming' | 'orthogonal')`` become
+The imperative ``for m in self.modules(): if isinstance(m, nn.Conv2d): kaiming_normal_(...)``
+and the inpainting code's ``weights_init('gaussian' | 'xavier' | 'kaiming' | 'orthogonal')`` become
 a list of ``(selector, initializer)`` rules applied by :func:`initialize`, which returns
 new params and leaves its input alone.
 
@@ -56,7 +56,7 @@ Initializer = Callable[[Tensor, torch.Generator], Tensor]
 
 
 def normal(mean: float = 0.0, std: float = 0.02) -> Initializer:
-    """``nn.init.normal_``; the default is the DCGAN/seed 002 'gaussian' N(0, 0.02)."""
+    """``nn.init.normal_``; the default is DCGAN's 'gaussian' N(0, 0.02)."""
     return lambda t, g: nn.init.normal_(t, mean, std, generator=g)
 
 
@@ -81,7 +81,7 @@ def ones() -> Initializer:
 
 
 def xavier_normal(gain: float = 1.0) -> Initializer:
-    """``nn.init.xavier_normal_`` (seed 002 uses ``gain=math.sqrt(2)``)."""
+    """``nn.init.xavier_normal_`` (the inpainting code uses ``gain=math.sqrt(2)``)."""
     return lambda t, g: nn.init.xavier_normal_(t, gain, generator=g)
 
 
@@ -105,7 +105,7 @@ def kaiming_uniform(
 
 
 def orthogonal(gain: float = 1.0) -> Initializer:
-    """``nn.init.orthogonal_`` (seed 002 uses ``gain=math.sqrt(2)``)."""
+    """``nn.init.orthogonal_`` (the inpainting code uses ``gain=math.sqrt(2)``)."""
     return lambda t, g: nn.init.orthogonal_(t, gain, generator=g)
 
 

@@ -1,6 +1,6 @@
 """Pretrained weights from a local file: whole (strict) or partial, with a report.
 
-Seed 004 (section 7) builds DeepLabv3 on a ResNet and copies in only the ResNet-152
+The usual way to build DeepLabv3 on a pretrained ResNet copies in only the ResNet-152
 checkpoint entries whose names exist in the new model::
 
     pretrain_dict = model_zoo.load_url(model_urls['resnet152'])
@@ -14,7 +14,7 @@ the ones a :func:`~functorch_diary.tree.select` selector picks), returns new
 
 Files are read with ``checkpoint.load_torch_file`` (no code runs while loading) onto
 the CPU first, then moved to where the params live: a checkpoint saved on ``cuda:3``
-loads on a machine with one GPU or none (seed 004 section 9). Nothing is downloaded.
+loads on a machine with one GPU or none. Nothing is downloaded.
 
 Example:
     >>> import tempfile, os, torch
@@ -83,7 +83,7 @@ class LoadReport(NamedTuple):
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a ``state_dict`` saved with ``torch.save`` onto the CPU, executing no code.
 
-    A ``{"model": state_dict, ...}`` checkpoint (seed 000's save format) or a
+    A ``{"model": state_dict, ...}`` checkpoint (the common ``torch.save`` layout) or a
     ``{"state_dict": ...}`` one is unwrapped.
 
     Args:

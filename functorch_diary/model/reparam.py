@@ -4,7 +4,7 @@
 ``apply`` computes ``W / sigma(W)`` for every selected weight from the raw weight in
 ``params`` and the power-iteration vectors ``u``, ``v`` in ``state``. Nothing is a hook,
 nothing is written in place: ``u`` and ``v`` come back in ``new_state`` (only when
-``train=True``), so seed 000's hand-written ``SpectralNorm`` and its out-of-memory error
+``train=True``), so the classic hand-written ``SpectralNorm`` module and its out-of-memory error
 (the graph kept growing through ``self.u`` until ``.detach()`` was added) have no
 counterpart here: ``u`` and ``v`` are plain state tensors computed from a detached
 weight, and each step's graph dies with the step.
@@ -145,7 +145,7 @@ def spectral_normalize(
 def standardize_weight(weight: Tensor, eps: float = 1e-5) -> Tensor:
     """Weight standardisation: per output channel, subtract the mean and divide by ``std + eps``.
 
-    The operations of seed 004's ``Conv2d(weight_std=True)`` (from DeepLabv3): means
+    The operations of DeepLabv3's ``Conv2d(weight_std=True)``: means
     taken one dimension at a time, the unbiased standard deviation, ``eps`` added to it.
 
     Example:
@@ -258,7 +258,7 @@ class _WeightNormRule:
 
 
 class _WeightStdRule:
-    """Weight standardisation (seed 004's ``Conv2d`` with ``weight_std``): no state."""
+    """Weight standardisation (DeepLabv3's ``Conv2d`` with ``weight_std``): no state."""
 
     param_suffixes = ("original",)
 
@@ -544,7 +544,7 @@ def weight_norm(model: Model, selector: Selector, dim: int | None = 0) -> Repara
 
 
 def weight_standardization(model: Model, selector: Selector, eps: float = 1e-5) -> Reparametrized:
-    """Weight standardisation of the selected weights (seed 004's ``Conv2d`` with ``weight_std``).
+    """Weight standardisation of the selected weights (DeepLabv3's ``Conv2d(weight_std=True)``).
 
     Each output channel of the weight used by the layer has zero mean and (unbiased) standard
     deviation ``std / (std + eps)``; the raw weight is in params under

@@ -1,6 +1,6 @@
 """Gradient accumulation over ``k`` micro-batches as a transformation (optax's MultiSteps).
 
-Seed 003 accumulates by *not* calling ``optimizer.zero_grad()`` for ``k`` backward passes,
+The imperative way accumulates by *not* calling ``optimizer.zero_grad()`` for ``k`` backward passes,
 then stepping once: a batch too large for memory, in ``k`` pieces. Here the sum lives in
 the optimiser state. Every call adds the gradients; on every ``k``-th call the inner
 optimiser steps with their mean (or sum), otherwise the update is ``-0.0`` (params stay

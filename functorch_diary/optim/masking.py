@@ -1,7 +1,7 @@
 """Parameter groups and freezing by path selection, after optax's ``multi_transform``.
 
 torch's ``param_groups`` (a different lr or weight decay for the backbone and the head)
-and seed 002's three ways to "update only a few nodes" (``lr=0``, zeroed gradients, a
+and the three imperative ways to "update only a few nodes" (``lr=0``, zeroed gradients, a
 ``step()`` that skips the parameter) are one mechanism here: every leaf gets a *label*,
 chosen by path with :func:`functorch_diary.tree.select`, and each label has its own
 transformation. A transformation only ever sees its own leaves (the others are ``None``
@@ -243,7 +243,7 @@ def _flags(selector: Selector, yes: Hashable, no: Hashable) -> Callable[[PyTree]
 def freeze(inner: GradientTransformation, frozen: Selector) -> GradientTransformation:
     """Train with ``inner`` and keep the ``frozen`` leaves bit-for-bit unchanged.
 
-    Seed 002's three ways (``lr=0``, zeroed gradients, a step that skips the parameter)
+    The three imperative ways (``lr=0``, zeroed gradients, a step that skips the parameter)
     become this one: the frozen leaves' updates are ``-0.0`` and ``inner`` never sees
     them, so they carry no optimiser state (no momentum, no weight decay).
 

@@ -102,7 +102,7 @@ def step_lr(lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
 
 
 def multistep_lr(lr: float, milestones: Sequence[int], gamma: float = 0.1) -> Schedule:
-    """``MultiStepLR`` (seed 000's schedule): ``lr * gamma ** (milestones passed)``.
+    """``MultiStepLR`` (CIFAR training's step decay): ``lr * gamma ** (milestones passed)``.
 
     Args:
         lr: the initial learning rate.
@@ -212,7 +212,7 @@ def linear_lr(
 
 
 def polynomial_lr(lr: float, total_iters: int = 5, power: float = 1.0) -> Schedule:
-    """``PolynomialLR``, seed 004's "poly" policy: ``lr * (1 - step / total_iters) ** power``,
+    """``PolynomialLR``, DeepLab's "poly" policy: ``lr * (1 - step / total_iters) ** power``,
     0 from ``total_iters`` on.
 
     Example:

@@ -584,7 +584,7 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
 class ScaleByLearningRateState(NamedTuple):
     """The number of steps taken and the learning rate the *next* step will use.
 
-    ``lr`` is what seed 003 reads as ``optimizer.param_groups[0]['lr']`` after
+    ``lr`` is what a torch loop reads as ``optimizer.param_groups[0]['lr']`` after
     ``scheduler.step()``; :func:`current_lr` finds it in any optimiser state.
     """
 

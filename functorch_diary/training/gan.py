@@ -1,9 +1,9 @@
 """GAN training as pure functions: losses, the gradient penalty, critic and generator steps.
 
-The imperative GAN loop (seed 002, after WonwoongCho's inpainting code) shares one graph
+The imperative GAN loop (as in WonwoongCho's inpainting code) shares one graph
 between the two losses and needs ``d_loss.backward(retain_graph=True)`` so the
-generator's backward can still walk it; WGAN clips with ``p.data.clamp_`` (seed 000,
-error 9). Here each network's update is its own pure function built on
+generator's backward can still walk it; WGAN clips with ``p.data.clamp_``,
+hidden from autograd. Here each network's update is its own pure function built on
 ``torch.func.grad_and_value``:
 
 - the **critic step** maps ``(gan_state, real, z, alpha)`` to a new ``GANState``: the

@@ -1,6 +1,6 @@
 """Projections: pure maps ``params -> params`` applied *after* the optimiser's update.
 
-WGAN's weight clipping (seed 000, error 9) is ``for p in D.parameters():
+WGAN's weight clipping is ``for p in D.parameters():
 p.data.clamp_(-c, c)`` after ``optimizer.step()``: an in-place write through ``.data``
 that autograd never sees. Here it is a projection, a pure function of the new params:
 

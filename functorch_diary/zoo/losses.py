@@ -1,10 +1,10 @@
-"""Losses the diaries' detection and segmentation models train with, as pure functions.
+"""Losses the detection and segmentation models train with, as pure functions.
 
 - :func:`segmentation_cross_entropy`: ``nn.CrossEntropyLoss`` for (N, C, H, W) logits
-  and (N, H, W) class-index targets, with an error that explains seed 004's section 5
-  (one-hot (N, C, H, W) targets: "expected target of 3 dimensions, got 4").
-- :func:`yolo_v1_loss`: the sum-squared YOLO v1 loss (Redmon et al. 2016, eq. 3) for
-  seed 000's day 7, vectorised over cells and boxes (no Python loop over the grid).
+  and (N, H, W) class-index targets, with an error that explains the common mistake
+  of one-hot (N, C, H, W) targets ("expected target of 3 dimensions, got 4").
+- :func:`yolo_v1_loss`: the sum-squared YOLO v1 loss (Redmon et al. 2016, eq. 3),
+  vectorised over cells and boxes (no Python loop over the grid).
 
 Example:
     >>> import torch

@@ -1,4 +1,4 @@
-"""Partial convolution (Liu et al. 2018, image inpainting), seed 002's ``PartialConv``.
+"""Partial convolution (Liu et al. 2018, image inpainting), the inpainting ``PartialConv``.
 
 A convolution that sees only the valid pixels (``mask == 1``) and renormalises by how
 many it saw; every output that saw at least one valid pixel becomes valid in the next
@@ -7,7 +7,7 @@ mask::
     out = (W * (x . M) - b) / sum(M in the window) + b     where sum > 0, else 0
     new_mask = 1                                           where sum > 0, else 0
 
-Seed 002 writes it as a module with a second, frozen ``nn.Conv2d`` of ones
+The inpainting code writes it as a module with a second, frozen ``nn.Conv2d`` of ones
 (``mask_conv``, ``requires_grad = False``) and in-place ``masked_fill_`` under
 ``torch.no_grad()``. The functional form, :func:`partial_conv2d`, is a pure function of
 ``(x, mask, weight, bias)``: the window sums are a convolution with a constant kernel of
@@ -86,14 +86,14 @@ def partial_conv2d(
 
 
 def _kaiming_init(conv: nn.Conv2d) -> None:
-    """Seed 002's ``weights_init('kaiming')``: He normal (fan in) weights, zero bias."""
+    """The inpainting code's ``weights_init('kaiming')``: He normal (fan in) weights, zero bias."""
     nn.init.kaiming_normal_(conv.weight, a=0, mode="fan_in")
     if conv.bias is not None:
         nn.init.constant_(conv.bias, 0.0)
 
 
 class PartialConv(nn.Module):
-    """The imperative twin: seed 002's ``PartialConv`` as the inpainting code writes it.
+    """The imperative twin: ``PartialConv`` as the inpainting code writes it.
 
     A trainable ``input_conv`` and a frozen ``mask_conv`` of ones (a parameter with
     ``requires_grad=False``); ``forward(input, mask) -> (output, new_mask)``.

@@ -1,8 +1,8 @@
-"""Neural style transfer (seed 000, Day 5) as a pure loss over VGG19 feature slices.
+"""Neural style transfer (Gatys et al.) as a pure loss over VGG19 feature slices.
 
-Seed 000 slices a pretrained ``vgg19`` into five ``nn.Sequential`` s (item 6), freezes
-its parameters with ``requires_grad_(False)`` and marks the image ``requires_grad``
-(item 7), and normalises with ImageNet's mean and std (item 10). Here:
+The imperative version slices a pretrained ``vgg19`` into five ``nn.Sequential`` s,
+freezes its parameters with ``requires_grad_(False)`` and marks the image
+``requires_grad``, and normalises with ImageNet's mean and std. Here:
 
 - the network is only VGG19's ``features`` up to relu5_3 (``features.33``), as a
   :class:`~functorch_diary.Model` whose keys are torchvision's, so the torchvision
@@ -58,7 +58,7 @@ __all__ = [
     "vgg19_features",
 ]
 
-#: Seed 000 item 6's five slices, as torchvision ``vgg19`` node names.
+#: The five slices of the usual VGG19 style transfer, as torchvision ``vgg19`` node names.
 VGG19_LAYERS = {
     "relu1_1": "features.1",
     "relu2_1": "features.6",
@@ -68,7 +68,7 @@ VGG19_LAYERS = {
 }
 CONTENT_LAYERS = ("relu4_3",)
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_3", "relu4_3", "relu5_3")
-#: Seed 000 item 10: torchvision's ImageNet normalisation.
+#: torchvision's ImageNet normalisation.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -145,7 +145,7 @@ def load_vgg19_features(
 
 
 def normalize(images: Tensor) -> Tensor:
-    """``(images - mean) / std`` per channel with ImageNet's statistics (seed 000 item 10);
+    """``(images - mean) / std`` per channel with ImageNet's statistics;
     ``images`` are ``(N, 3, H, W)`` in ``[0, 1]``."""
     mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)

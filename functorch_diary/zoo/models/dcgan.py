@@ -1,11 +1,11 @@
 """DCGAN-style generator and discriminator (critic) for 28x28 and 32x32 images.
 
-Seed 000's Day 6 trains GAN, WGAN and WGAN-GP on this kind of pair. Three transposed
+The GAN, WGAN, WGAN-GP and SN-GAN all train on this kind of pair. Three transposed
 convolutions grow a latent vector from ``image_size // 4`` pixels square to
 ``image_size`` (7 -> 14 -> 28 or 8 -> 16 -> 32); the discriminator mirrors it with
 stride-2 convolutions and LeakyReLU(0.2) and ends in one raw score per image (no
 sigmoid: the losses in :mod:`functorch_diary.training.gan` take scores). Weights start as DCGAN
-and seed 002's ``weights_init('gaussian')`` set them: N(0, 0.02) for convolutions,
+(and the inpainting code's ``weights_init('gaussian')``) set them: N(0, 0.02) for convolutions,
 N(1, 0.02) for BatchNorm scales, zero biases.
 
 Normalisation in the discriminator is a choice per GAN: ``"batch"`` for the classic
@@ -44,7 +44,7 @@ def _check_size(image_size: int) -> int:
 
 
 def _dcgan_init(module: nn.Module) -> None:
-    """DCGAN's (and seed 002's 'gaussian') initialisation, module by module."""
+    """DCGAN's ('gaussian') initialisation, module by module."""
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:

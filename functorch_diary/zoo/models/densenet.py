@@ -1,4 +1,4 @@
-"""DenseNet-BC for CIFAR (seed 000 days 3-4: 0.88 validation accuracy) and DenseNet-121.
+"""DenseNet-BC for CIFAR (about 0.88 validation accuracy on CIFAR-10) and DenseNet-121.
 
 Both are ``torchvision.models.DenseNet``, so they share its keys
 (``features.denseblock1.denselayer1.norm1.weight``, ...) and DenseNet-121 loads

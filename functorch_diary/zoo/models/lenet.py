@@ -1,4 +1,4 @@
-"""LeNet-5 exactly as seed 004 (section 4.2) builds it with ``nn.Sequential``.
+"""LeNet-5 in its classic ``nn.Sequential`` form.
 
 Sigmoid activations and max pooling, for 1x28x28 inputs (16*4*4 features after the
 convolutions). The digits CLI upsamples scikit-learn's 8x8 digits to 28x28 to use it
@@ -27,7 +27,7 @@ __all__ = ["LeNet", "lenet"]
 
 
 class LeNet(nn.Module):
-    """The imperative twin: seed 004's LeNet, with ``num_classes`` configurable."""
+    """The imperative twin: LeNet-5, with ``num_classes`` configurable."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()

@@ -1,4 +1,4 @@
-"""The MLP of seed 004 (section 4.1): 784 -> 256 -> ReLU -> 10, sizes configurable.
+"""The classic MNIST MLP: 784 -> 256 -> ReLU -> 10, sizes configurable.
 
 Example:
     >>> import torch

@@ -1,4 +1,4 @@
-"""Seed 004's first examples: linear regression and logistic regression.
+"""The first examples of any course: linear regression and logistic regression.
 
 Both are one ``nn.Linear``; logistic regression flattens its input and is trained with
 cross entropy on its logits (the softmax lives in the loss).
@@ -35,10 +35,10 @@ class LogisticRegression(nn.Module):
 
 
 def linear_regression(in_features: int = 1, out_features: int = 1) -> Model:
-    """``y = W x + b`` as a :class:`Model` (seed 004's ``Pytorch_linearRegression.py``)."""
+    """``y = W x + b`` as a :class:`Model`: linear regression."""
     return Model(partial(nn.Linear, in_features, out_features))
 
 
 def logistic_regression(in_features: int = 784, num_classes: int = 10) -> Model:
-    """Softmax regression logits (seed 004's ``Pytorch_logisticRegression.py``)."""
+    """Softmax (multinomial logistic) regression logits."""
     return Model(partial(LogisticRegression, in_features, num_classes))

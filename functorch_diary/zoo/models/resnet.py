@@ -1,4 +1,4 @@
-"""ResNet-18/34/50 (seed 000 day 2, seed 004's ``ResNet.ipynb``), built by torchvision.
+"""ResNet-18/34/50 (for CIFAR or ImageNet), built by torchvision.
 
 The imperative twin *is* ``torchvision.models.ResNet``: the functional model wraps
 torchvision's own factory, so ``params``/``state`` carry torchvision's ``state_dict`` keys

@@ -1,11 +1,11 @@
-"""VGG16 and VGG19 (seed 000 day 1 and its style transfer), built by torchvision.
+"""VGG16 for CIFAR and VGG19 for style transfer, built by torchvision.
 
 The imperative twin is ``torchvision.models.VGG``: with the default options the module
 is exactly ``torchvision.models.vgg16(num_classes=...)`` (or ``vgg16_bn``), same layers,
 same initialisation, same ``state_dict`` keys, so torchvision's pretrained file loads
 into ``params`` unchanged.
 
-Three options make the CIFAR-sized network the diaries train: ``pool_size`` (torchvision
+Three options make the CIFAR-sized network: ``pool_size`` (torchvision
 pools to 7x7, which on a 32x32 image copies one 1x1 feature map 49 times into a
 25088-wide classifier; 1 keeps the 512 features as they are), ``hidden`` (the width of
 the two hidden classifier layers) and ``width_divisor`` (every convolution's width
