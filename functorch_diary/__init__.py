@@ -8,7 +8,7 @@ as a single graph. The subpackages show the architecture:
 - :mod:`~functorch_diary.optim`: optimisers, schedules, masks and wrappers;
 - :mod:`~functorch_diary.training`: the step, GAN steps, ``fit``, distributed;
 - :mod:`~functorch_diary.checkpoint`: the safe file format and torch interop;
-- :mod:`~functorch_diary.zoo`: the diaries' networks, layers, losses and style transfer;
+- :mod:`~functorch_diary.zoo`: the model zoo: networks, layers, losses and style transfer;
 - :mod:`~functorch_diary.data`: bundled and local datasets; :mod:`~functorch_diary.cli`.
 
 Example:

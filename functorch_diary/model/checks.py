@@ -1,6 +1,6 @@
 """Checks that turn torch's deep errors into messages naming the leaf and both values.
 
-The diaries lose hours to ``Expected object of type torch.FloatTensor but found type
+Learners lose hours to ``Expected object of type torch.FloatTensor but found type
 torch.cuda.FloatTensor`` and to shape errors raised deep inside a layer. Every entry
 point (``Model.apply``, state_dict loading, checkpoints) calls :func:`check_leaves`
 first, so a wrong tree fails before any computation, names the path, and says what to
@@ -143,7 +143,7 @@ def check_inputs(
     """Check that tensor inputs live on the params' device and share their float dtype,
     and that no input is a numpy array or a list of numbers where a tensor belongs.
 
-    This is the diaries' ``FloatTensor`` vs ``cuda.FloatTensor`` and float vs double
+    This is the classic ``FloatTensor`` vs ``cuda.FloatTensor`` and float vs double
     error, caught before the first layer with the input's position in the message.
     """
     for index, value in enumerate(inputs):

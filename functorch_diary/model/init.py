@@ -71,12 +71,12 @@ def constant(value: float) -> Initializer:
 
 
 def zeros() -> Initializer:
-    """All zeros (the diaries' ``constant_(m.bias, 0)``)."""
+    """All zeros (the imperative ``constant_(m.bias, 0)``)."""
     return constant(0.0)
 
 
 def ones() -> Initializer:
-    """All ones (the diaries' ``constant_(bn.weight, 1)``)."""
+    """All ones (the imperative ``constant_(bn.weight, 1)``)."""
     return constant(1.0)
 
 

@@ -1,6 +1,6 @@
 """A complete training run: epochs of pure steps, validation, callbacks, a history.
 
-This is the diaries' ``for epoch ...: for x, y in loader: ...`` loop, once, for every
+This is the usual ``for epoch ...: for x, y in loader: ...`` loop, once, for every
 recipe: the state threads through ``step`` explicitly, and evaluation uses the eval step
 (BatchNorm running statistics, no dropout) without any ``model.eval()`` to forget.
 

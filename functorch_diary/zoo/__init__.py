@@ -1,4 +1,4 @@
-"""The diaries' networks, layers and losses, and style transfer built on them."""
+"""The model zoo: networks, layers and losses, and style transfer built on them."""
 
 from . import losses, models, partial_conv, style
 

@@ -1,4 +1,4 @@
-"""The diaries' networks: each an ``nn.Module`` (the imperative twin) and a ``Model``."""
+"""The zoo's networks: each an ``nn.Module`` (the imperative twin) and a ``Model``."""
 
 from .darknet import Darknet, darknet_from_cfg, parse_cfg
 from .dcgan import DCGANDiscriminator, DCGANGenerator, dcgan_discriminator, dcgan_generator

@@ -1,4 +1,4 @@
-"""DenseNet-BC for CIFAR (about 0.88 validation accuracy on CIFAR-10) and DenseNet-121.
+"""DenseNet-BC for CIFAR and DenseNet-121 for ImageNet.
 
 Both are ``torchvision.models.DenseNet``, so they share its keys
 (``features.denseblock1.denselayer1.norm1.weight``, ...) and DenseNet-121 loads
@@ -43,7 +43,7 @@ def densenet_bc_module(
             per block, the paper's 0.8M-parameter network for ``growth_rate=12``).
         growth_rate: channels each dense layer adds (``k``).
         num_classes: width of the classifier.
-        drop_rate: dropout after each dense layer (0 in the diary).
+        drop_rate: dropout after each dense layer (0 in the CIFAR recipe).
 
     Returns:
         The module, initialised as torchvision initialises DenseNet.
