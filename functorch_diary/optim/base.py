@@ -45,6 +45,8 @@ __all__ = [
     "chain",
     "check_grads",
     "identity",
+    "per_example_stage",
+    "takes_per_example_grads",
     "updates_where",
 ]
 
@@ -79,6 +81,18 @@ class EmptyState(NamedTuple):
 def identity() -> GradientTransformation:
     """Leave updates unchanged."""
     return GradientTransformation(lambda params: EmptyState(), lambda u, s, p=None: (u, s))
+
+
+def per_example_stage(transform: GradientTransformation) -> GradientTransformation:
+    """Mark ``transform`` as taking per-example gradients (a leading batch axis on every
+    leaf) and returning ordinary ones: a :func:`chain` checks the gradients after it."""
+    transform.update.per_example_grads = True
+    return transform
+
+
+def takes_per_example_grads(transform: GradientTransformation) -> bool:
+    """Whether ``transform`` was marked by :func:`per_example_stage`."""
+    return getattr(transform.update, "per_example_grads", False)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -126,9 +140,18 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def update(
         updates: PyTree, state: tuple[Any, ...], params: PyTree | None = None
     ) -> tuple[PyTree, tuple[Any, ...]]:
-        # Called directly (the optax way), update checks what apply_gradients checks.
-        check_grads(params, updates)
-        updates, new_state = run(transforms, updates, state, params)
+        # Called directly (the optax way), update checks what apply_gradients checks; a
+        # chain that starts with a per-example stage (DP-SGD) is checked after it.
+        per_example = bool(transforms) and takes_per_example_grads(transforms[0])
+        if not per_example:
+            check_grads(params, updates)
+        check_state(state)
+        new_state = []
+        for index, (transform, inner) in enumerate(zip(transforms, state, strict=True)):
+            updates, inner = transform.update(updates, inner, params)
+            new_state.append(inner)
+            if per_example and index == 0:
+                check_grads(params, updates)
         return updates, tuple(new_state)
 
     def update_and_apply(

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import prng
 from ..tree import PyTree, tree_flatten_with_paths
-from .base import GradientTransformation, apply_updates
+from .base import GradientTransformation, apply_updates, per_example_stage
 
 if TYPE_CHECKING:
     from ..model.core import Model
@@ -114,7 +114,7 @@ def dp_aggregate(
         spec = optree.tree_structure(updates, none_is_leaf=False)
         return optree.tree_unflatten(spec, noised), DPAggregateState(state.key, state.count + 1)
 
-    return GradientTransformation(init, update)
+    return per_example_stage(GradientTransformation(init, update))
 
 
 def make_dp_train_step(
