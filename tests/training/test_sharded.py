@@ -1,0 +1,139 @@
+"""Sharded training on DTensors (gloo, localhost): 2 (and 4) ranks holding 1/N of the
+params and optimiser state take the single-process step on the whole batch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.distributed.tensor import Replicate, Shard
+
+from functorch_diary.training import sharded
+from tests.helpers import run_ranks
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch built without torch.distributed"
+)
+
+# One launch of the ranks runs every case (starting processes costs more than the cases).
+# Rank 0 also runs the single-process step (make_train_step) on the whole batch and
+# compares; each case prints one JSON line that the tests below read.
+_WORKER = """
+import json, sys, time
+import torch
+from torch import nn
+from functorch_diary import init_train_state, make_train_step
+from functorch_diary.testing import assert_trees_close
+from functorch_diary.training import distributed, sharded
+from tests.helpers import SHARDED_TOLERANCES, assert_close_to_scale, sharded_case
+
+world = distributed.init_from_env("gloo", timeout_s=60)
+mesh = sharded.make_mesh()
+for name in sys.argv[1:]:
+    start = time.perf_counter()
+    model, opt, dtype, batches = sharded_case(name)
+    whole = init_train_state(model, opt, seed=0, dtype=dtype)
+    ts = sharded.shard_train_state(whole, mesh)
+    step = sharded.make_sharded_train_step(model, nn.functional.cross_entropy, opt)
+    losses = []
+    for batch in batches:
+        ts, metrics = step(ts, distributed.shard(batch, world.rank, world.world_size))
+        losses.append(float(metrics["loss"]))
+    seconds = time.perf_counter() - start
+    report = {
+        "case": name, "rank": world.rank, "seconds": round(seconds, 2),
+        "params_share": sharded.local_bytes(ts.params) / sharded.local_bytes(whole.params),
+        "opt_share": sharded.local_bytes(ts.opt_state) / sharded.local_bytes(whole.opt_state),
+        "placements": {k: str(v.placements[0]) for k, v in ts.params.items()},
+    }
+    gathered = sharded.gather_train_state(ts)
+    if world.rank == 0:
+        ref = whole
+        ref_step = make_train_step(model, nn.functional.cross_entropy, opt)
+        ref_losses = []
+        for batch in batches:
+            ref, metrics = ref_step(ref, batch)
+            ref_losses.append(float(metrics["loss"]))
+        rtol = SHARDED_TOLERANCES[dtype]
+        try:
+            assert int(gathered.step) == len(batches)
+            for part in ("params", "opt_state", "state"):
+                assert_close_to_scale(getattr(gathered, part), getattr(ref, part), rtol)
+            assert_trees_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=rtol)
+            report["error"] = None
+        except AssertionError as error:
+            report["error"] = str(error)
+    print(json.dumps(report), flush=True)
+torch.distributed.destroy_process_group()
+"""
+
+CASES = [
+    "mlp-sgdm-float64",
+    "mlp-adamw-float64",
+    "lenet-sgdm-float64",
+    "lenet-adamw-float64",
+    "resnet18-sgdm-float64",
+    "resnet18-adamw-float64",
+    "mlp-sgdm-float32",
+    "lenet-adamw-float32",
+]
+
+
+def _reports(stdout: list[str]) -> dict[tuple[str, int], dict]:
+    lines = [json.loads(line) for out in stdout for line in out.splitlines() if line[:1] == "{"]
+    return {(r["case"], r["rank"]): r for r in lines}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    script = tmp_path_factory.mktemp("sharded") / "worker.py"
+    script.write_text(_WORKER)
+    return _reports(run_ranks(script, 2, CASES, timeout=600))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_two_ranks_equal_one_process_on_the_whole_batch(two_ranks, name):
+    report = two_ranks[name, 0]
+    print(f"{name}: {report['seconds']} s on rank 0")
+    assert report["error"] is None, report["error"]
+
+
+@pytest.mark.parametrize("name", ["mlp-adamw-float64", "resnet18-adamw-float64"])
+def test_each_rank_holds_about_half_of_params_and_optimizer_state(two_ranks, name):
+    for rank in (0, 1):
+        report = two_ranks[name, rank]
+        # Large leaves are halved; small ones (biases, the MLP's 10x32 head) are replicated.
+        assert "S(0)" in report["placements"].values()
+        assert "R" in report["placements"].values()
+        bound = 0.6 if name.startswith("mlp") else 0.51
+        assert 0.45 < report["params_share"] < bound, report
+        assert 0.45 < report["opt_share"] < bound, report
+
+
+def test_placement_rule_and_user_placements():
+    tree = {
+        "fc.weight": torch.ones(64, 32),
+        "fc.bias": torch.ones(64),
+        "tiny.weight": torch.ones(1, 2048),
+        "step": torch.zeros((), dtype=torch.int64),
+    }
+    assert sharded.placements_for(tree, 2) == {
+        "fc.weight": Shard(0),
+        "fc.bias": Replicate(),  # fewer than DEFAULT_MIN_NUMEL elements
+        "tiny.weight": Replicate(),  # fewer rows than ranks
+        "step": Replicate(),  # 0-dim, integer
+    }
+    assert sharded.placements_for(tree, 2, min_numel=1)["fc.bias"] == Shard(0)
+    chosen = sharded.placements_for(tree, 2, {"fc.*": Replicate(), "fc.weight": Shard(1)})
+    assert chosen["fc.weight"] == Replicate()  # the first selector that picks a leaf wins
+    assert sharded.placements_for(tree, 2, {"fc.weight": Shard(1)})["fc.weight"] == Shard(1)
+    with pytest.raises(ValueError, match=r"leaf 'fc.bias' of shape \(64,\) cannot take"):
+        sharded.placements_for(tree, 2, {"fc.bias": Shard(1)})
+    with pytest.raises(ValueError, match="matches no leaf"):
+        sharded.placements_for(tree, 2, {"conv.*": Replicate()})
+
+
+def test_make_mesh_without_a_process_group_says_what_to_do():
+    with pytest.raises(sharded.DistributedError, match="init_from_env"):
+        sharded.make_mesh()
