@@ -1,6 +1,7 @@
 """Checkpoints: the safe single-file format (atomic, digest-checked, no code on load),
 reading ``torch.save`` files, and ``torch.optim`` state interop."""
 
+from . import distributed as distributed  # sharded TrainStates, torch.distributed.checkpoint
 from .format import (
     CheckpointError,
     export_optimizer_state,
