@@ -4,13 +4,14 @@ params and optimiser state take the single-process step on the whole batch."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 from torch.distributed.tensor import Replicate, Shard
 
 from functorch_diary.training import sharded
-from tests.helpers import run_ranks
+from tests.helpers import run_ranks, start_ranks
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without torch.distributed"
@@ -137,3 +138,47 @@ def test_placement_rule_and_user_placements():
 def test_make_mesh_without_a_process_group_says_what_to_do():
     with pytest.raises(sharded.DistributedError, match="init_from_env"):
         sharded.make_mesh()
+
+
+_DYING_WORKER = """
+import os, sys, torch
+from torch import nn
+from functorch_diary import data, init_train_state, models, optim
+from functorch_diary.training import distributed, sharded
+
+world = distributed.init_from_env("gloo", timeout_s=float(sys.argv[1]))
+model, opt = models.mlp(in_features=64, hidden=(32,), num_classes=10), optim.sgd(0.1)
+ts = sharded.shard_train_state(init_train_state(model, opt, seed=0), sharded.make_mesh())
+calls = []
+
+def loss_fn(outputs, targets):
+    calls.append(1)
+    if world.rank == 1 and len(calls) == 3:
+        os._exit(7)  # dies mid-step: after the all-gathers, before the reduce-scatters
+    return nn.functional.cross_entropy(outputs, targets)
+
+step = sharded.make_sharded_train_step(model, loss_fn, opt)
+for i in range(50):
+    ts, _ = step(ts, distributed.shard(data.digits_batch(i, 16), world.rank, world.world_size))
+print("finished", flush=True)
+"""
+
+
+def test_a_rank_dying_mid_step_makes_the_other_fail_clearly_and_quickly(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_DYING_WORKER)
+    timeout_s = 20
+    procs = start_ranks(script, 2, [str(timeout_s)])
+    _, err1 = procs[1].communicate(timeout=300)
+    died_at = time.monotonic()
+    try:
+        out0, err0 = procs[0].communicate(timeout=3 * timeout_s)
+    finally:
+        procs[0].kill()
+    waited = time.monotonic() - died_at
+    assert procs[1].returncode == 7, err1
+    assert procs[0].returncode != 0 and "finished" not in out0
+    assert "DistributedError: rank 0 of 2: sharded step failed in a collective" in err0, err0
+    assert "another rank has probably died" in err0
+    print(f"rank 0 failed {waited:.1f}s after rank 1 died")
+    assert waited < 2 * timeout_s, f"rank 0 took {waited:.1f}s to notice"
