@@ -4,14 +4,19 @@ params and optimiser state take the single-process step on the whole batch."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
+from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 
+import functorch_diary as fd
+from functorch_diary import checkpoint, data, models, optim
 from functorch_diary.training import sharded
-from tests.helpers import run_ranks, start_ranks
+from tests.helpers import rank_env, run_ranks, start_ranks
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without torch.distributed"
@@ -182,3 +187,25 @@ def test_a_rank_dying_mid_step_makes_the_other_fail_clearly_and_quickly(tmp_path
     assert "another rank has probably died" in err0
     print(f"rank 0 failed {waited:.1f}s after rank 1 died")
     assert waited < 2 * timeout_s, f"rank 0 took {waited:.1f}s to notice"
+
+
+def test_torchrun_shard_trains_sharded_and_equals_one_process(tmp_path):
+    out = tmp_path / "sharded.ckpt"
+    # The launcher, as a user runs it: torchrun starts 2 ranks of the module.
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "functorch_diary.cli.distributed", "--shard", "--steps", "4", "--batch-size", "16",
+         "--optimizer", "adam", "--lr", "0.01", "--dtype", "float64", "--out", str(out)],
+        check=True, env=rank_env(), cwd=tmp_path, timeout=300, capture_output=True,
+    )  # fmt: skip
+    model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
+    opt = optim.adam(0.01)
+    ts = fd.init_train_state(model, opt, seed=0, dtype=torch.float64)
+    step = fd.make_train_step(model, nn.functional.cross_entropy, opt)
+    for i in range(4):
+        ts, _ = step(ts, data.digits_batch(i, 16, 0, torch.float64))
+    assert checkpoint.read_metadata(out) == {"world_size": 2, "sharded": True}
+    got = checkpoint.load(out)
+    assert int(got.step) == 4
+    fd.assert_trees_close(got.params, ts.params, rtol=1e-12, atol=1e-15)
+    fd.assert_trees_close(got.opt_state, ts.opt_state, rtol=1e-12, atol=1e-15)
