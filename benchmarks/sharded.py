@@ -39,19 +39,23 @@ def worker(steps: int, warmup: int, batch: int) -> None:
     import torch
     from torch import nn
 
-    from functorch_diary import init_train_state, models, optim
+    from functorch_diary import models, optim
     from functorch_diary.training import distributed, sharded
+    from functorch_diary.tree import tree_leaves
 
     world = distributed.init_from_env("gloo", timeout_s=300)
     mesh = sharded.make_mesh()
     model, opt = models.resnet18(num_classes=10), optim.adamw(1e-3)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    # Every rank builds the whole state once from the seed, then keeps only its shards
-    # (a real run would load its shards from a distributed checkpoint instead).
-    whole = init_train_state(model, opt, seed=0)
-    ts = sharded.shard_train_state(whole, mesh)
-    whole_bytes = sharded.local_bytes((whole.params, whole.opt_state))
-    del whole
+    # Only this rank's shards are ever allocated (empty_train_state): the peak below is
+    # what a rank needs, not the whole model built once per rank and then cut.
+    ts = sharded.empty_train_state(model, opt, mesh)
+    gen = torch.Generator().manual_seed(world.rank)
+    for leaf in ts.params.values():  # fresh tensors of our own: filled in place
+        leaf.to_local().normal_(0.0, 0.05, generator=gen)
+    whole_bytes = sum(  # a DTensor's numel is the whole tensor's
+        leaf.numel() * leaf.element_size() for leaf in tree_leaves((ts.params, ts.opt_state))
+    )
     step = sharded.make_sharded_train_step(model, nn.functional.cross_entropy, opt)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=gen)
@@ -89,8 +93,15 @@ def _free_port() -> int:
 
 def run(ranks: int, args: argparse.Namespace) -> list[dict]:
     port = str(_free_port())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-           "WORLD_SIZE": str(ranks)}  # fmt: skip
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+        "WORLD_SIZE": str(ranks),
+        "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
+    }
     argv = [sys.executable, __file__, "--worker", "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--batch", str(args.batch)]  # fmt: skip
     procs = [

@@ -68,6 +68,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
+from torch.distributed.tensor import empty as dtensor_empty
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -88,6 +89,7 @@ from .step import Batch, LossFn, TrainState
 
 __all__ = [
     "DEFAULT_MIN_NUMEL",
+    "empty_train_state",
     "gather_train_state",
     "gather_tree",
     "local_bytes",
@@ -239,6 +241,56 @@ def shard_train_state(
     )
 
 
+def empty_train_state(
+    model: Model,
+    optimizer: GradientTransformation,
+    mesh: DeviceMesh,
+    placements: Mapping[Selector, Placement] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    min_numel: int = DEFAULT_MIN_NUMEL,
+) -> TrainState:
+    """A sharded ``TrainState`` with the placements :func:`shard_train_state` gives, whose
+    params and state are uninitialised: the ``like=`` of a distributed checkpoint load.
+
+    Only the local shards are allocated (the whole model never is, on any rank), so a
+    model too large for one rank can be resumed. ``dtype`` replaces the template's
+    floating dtype, as ``init_train_state(dtype=)`` does.
+    """
+
+    def spec_dtype(spec: Any) -> torch.dtype:
+        return dtype if dtype is not None and spec.dtype.is_floating_point else spec.dtype
+
+    shapes = {
+        name: torch.empty(spec.shape, dtype=spec_dtype(spec), device="meta")
+        for name, spec in model.param_specs.items()
+    }
+    param_places = placements_for(shapes, mesh, placements, min_numel=min_numel)
+
+    def empty(leaf: Tensor, placement: Placement) -> DTensor:
+        return dtensor_empty(leaf.shape, dtype=leaf.dtype, device_mesh=mesh, placements=[placement])
+
+    params = tree_map(empty, shapes, param_places)
+    state = {
+        name: empty(torch.empty(spec.shape, dtype=spec_dtype(spec), device="meta"), Replicate())
+        for name, spec in model.state_specs.items()
+    }
+    # The optimiser's own scalars (counts, injected rates) come back as plain tensors:
+    # replicate them, as shard_train_state does.
+    opt_state = tree_map(
+        lambda x: x if isinstance(x, DTensor) else _place(x, mesh, Replicate()),
+        optimizer.init(params),
+    )
+    device = mesh.device_type
+    return TrainState(
+        params,
+        state,
+        opt_state,
+        torch.zeros((), dtype=torch.int64, device=device),
+        prng.key(0, device=device),
+    )
+
+
 def gather_train_state(ts: TrainState) -> TrainState:
     """The single-process ``TrainState`` of a sharded one (plain full tensors)."""
     return TrainState(*(gather_tree(part) for part in ts))
@@ -279,9 +331,7 @@ class _SyncBatchNorm(TorchFunctionMode):
         # A Partial DTensor made Replicate is an all-reduce whose backward all-reduces too
         # (the gradient is declared Partial): each rank's loss reaches every rank's inputs.
         partial = DTensor.from_local(local, self.mesh, [Partial()], run_check=False)
-        return partial.redistribute(self.mesh, [Replicate()]).to_local(
-            grad_placements=[Partial()]
-        )
+        return partial.redistribute(self.mesh, [Replicate()]).to_local(grad_placements=[Partial()])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -60,7 +60,9 @@ if mode == "save-and-resume":
     write("loaded_on_2.ckpt", resumed)
     write("resumed_on_2.ckpt", train(resumed, 2))
 elif mode == "resume":
-    resumed = dcheckpoint.load(run, like=fresh(1))
+    # The template holds only this rank's (uninitialised) shards: no whole model anywhere.
+    like = sharded.empty_train_state(model, opt, mesh, dtype=torch.float64)
+    resumed = dcheckpoint.load(run, like=like)
     write(f"loaded_on_{world.world_size}.ckpt", resumed)
     write(f"resumed_on_{world.world_size}.ckpt", train(resumed, 2))
 elif mode == "die-in-save":

@@ -11,12 +11,12 @@ import time
 import pytest
 import torch
 from torch import nn
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import functorch_diary as fd
 from functorch_diary import checkpoint, data, models, optim
 from functorch_diary.training import sharded
-from tests.helpers import rank_env, run_ranks, start_ranks
+from tests.helpers import SmallBNNet, rank_env, run_ranks, start_ranks
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without torch.distributed"
@@ -209,3 +209,48 @@ def test_torchrun_shard_trains_sharded_and_equals_one_process(tmp_path):
     assert int(got.step) == 4
     fd.assert_trees_close(got.params, ts.params, rtol=1e-12, atol=1e-15)
     fd.assert_trees_close(got.opt_state, ts.opt_state, rtol=1e-12, atol=1e-15)
+
+
+@pytest.fixture
+def one_rank_group():
+    torch.distributed.init_process_group(
+        "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
+    )
+    try:
+        yield sharded.make_mesh()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_on_one_rank_the_sharded_step_is_the_step_bit_for_bit_and_pure(one_rank_group):
+    model = fd.Model(SmallBNNet)
+    opt = optim.adamw(1e-2, weight_decay=0.1)
+    whole = fd.init_train_state(model, opt, seed=0, dtype=torch.float64)
+    ts = sharded.shard_train_state(whole, one_rank_group, min_numel=1)
+    before = fd.tree.tree_clone(sharded.gather_train_state(ts))
+    step = sharded.make_sharded_train_step(model, nn.functional.cross_entropy, opt)
+    ref_step = fd.make_train_step(model, nn.functional.cross_entropy, opt)
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64), torch.arange(6) % 10)
+    new, metrics = step(ts, batch)
+    ref, ref_metrics = ref_step(whole, batch)
+    fd.assert_trees_close(sharded.gather_train_state(new), ref)
+    fd.assert_trees_close(metrics["loss"], ref_metrics["loss"])
+    fd.assert_trees_close(sharded.gather_train_state(ts), before)  # the input is untouched
+    for leaf in fd.tree.tree_leaves((new, metrics)):
+        local = leaf.to_local() if isinstance(leaf, DTensor) else leaf
+        assert not local.requires_grad and local.grad_fn is None
+    assert {type(leaf) for leaf in fd.tree.tree_leaves((new.params, new.state))} == {DTensor}
+
+
+def test_empty_train_state_is_placed_like_a_sharded_one(one_rank_group):
+    model, opt = fd.Model(SmallBNNet), optim.sgd(0.1, momentum=0.9)
+    empty = sharded.empty_train_state(model, opt, one_rank_group, dtype=torch.float64)
+    full = sharded.shard_train_state(
+        fd.init_train_state(model, opt, dtype=torch.float64), one_rank_group
+    )
+    describe = lambda tree: [  # noqa: E731
+        (path, type(x), tuple(x.shape), x.dtype, getattr(x, "placements", None))
+        for path, x in fd.tree.tree_flatten_with_paths(tree)
+    ]
+    assert describe(empty) == describe(full)
