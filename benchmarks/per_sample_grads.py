@@ -10,7 +10,7 @@ Two measurements, each side by side in one run on the same data and weights:
    copy of every ``.grad`` per example, and (b) a loop of ``torch.func.grad`` calls.
    Target: >= 10x faster than (a) on 2 CPU cores.
 2. One training step of an ensemble of 8 LeNets on a batch of 64:
-   ``func.make_ensemble_train_step`` (all members in one ``vmap``) against a loop of
+   ``ensemble.make_ensemble_train_step`` (all members in one ``vmap``) against a loop of
    ``make_train_step`` over the members.
 
 Every figure is the median wall time over ``--repeats`` runs after one warm-up run.
@@ -32,6 +32,7 @@ from torch.func import grad
 from torch.nn import functional as F
 
 from functorch_diary import func, models, optim
+from functorch_diary.training import ensemble as ens
 from functorch_diary.training.step import init_train_state, make_train_step
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -115,8 +116,8 @@ t_module, t_func_loop, t_vmap = timed(module_loop), timed(func_loop), timed(vmap
 opt = optim.adam(1e-3)
 seeds = list(range(args.members))
 ens_x, ens_y = x[:64], y[:64]
-ensemble = func.init_ensemble(model, opt, seeds, device=device)
-ens_step = func.make_ensemble_train_step(model, F.cross_entropy, opt)
+ensemble = ens.init_ensemble(model, opt, seeds, device=device)
+ens_step = ens.make_ensemble_train_step(model, F.cross_entropy, opt)
 members = [init_train_state(model, opt, s, device=device) for s in seeds]
 one_step = make_train_step(model, F.cross_entropy, opt, compile=False)
 

@@ -5,9 +5,6 @@ a function transformation says the same thing in one line:
 
 - :func:`per_sample_grads`: one gradient per example (``vmap(grad)``), for any model
   and loss, BatchNorm in eval mode and dropout with one key per example included;
-- ensembles: ``k`` independently initialised members stacked leaf by leaf and trained
-  in one step (:func:`init_ensemble`, :func:`make_ensemble_train_step`,
-  :func:`ensemble_apply`, :func:`stack`, :func:`unstack`);
 - :func:`jvp`, :func:`hvp`, :func:`jacobian`, :func:`ravel` over param pytrees;
 - :func:`input_grads` / :func:`saliency` (gradient w.r.t. the inputs) and
   :func:`subset_grads` (gradient w.r.t. the params a :func:`~functorch_diary.tree.select`
@@ -27,7 +24,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,26 +34,20 @@ from torch.func import jvp as _torch_jvp
 
 from . import prng
 from .model.core import Model, State
-from .optim.base import GradientTransformation, apply_gradients
-from .training.step import LossFn, TrainState, init_train_state
-from .tree import Params, PyTree, Selector, select, tree_flatten_with_paths, tree_leaves, tree_map
+from .training.step import LossFn
+from .tree import Params, PyTree, Selector, select, tree_flatten_with_paths, tree_leaves
 from .tree import tree_unflatten_like as _unflatten_like
 
 __all__ = [
-    "ensemble_apply",
     "hvp",
-    "init_ensemble",
     "input_grads",
     "jacobian",
     "jvp",
     "loss_of_params",
-    "make_ensemble_train_step",
     "per_sample_grads",
     "ravel",
     "saliency",
-    "stack",
     "subset_grads",
-    "unstack",
 ]
 
 
@@ -138,130 +129,6 @@ def per_sample_grads(
         )
 
     return per_sample
-
-
-def stack(trees: Sequence[PyTree]) -> PyTree:
-    """One tree whose every leaf is ``torch.stack`` of the trees' leaves (member axis 0).
-
-    Example:
-        >>> import torch
-        >>> stack([{"w": torch.zeros(2)}, {"w": torch.ones(2)}])["w"].shape
-        torch.Size([2, 2])
-    """
-    if not trees:
-        raise ValueError("stack needs at least one tree")
-    return tree_map(lambda *leaves: torch.stack(leaves), trees[0], *trees[1:])
-
-
-def unstack(tree: PyTree) -> list[PyTree]:
-    """Inverse of :func:`stack`: the list of member trees (views into ``tree``'s leaves).
-
-    A 0-dim leaf is shared by all members (the step counts of an ensemble's
-    ``TrainState``) and is given to each of them.
-
-    Example:
-        >>> import torch
-        >>> [m["w"].tolist() for m in unstack({"w": torch.tensor([[0.0], [1.0]])})]
-        [[0.0], [1.0]]
-    """
-    sizes = {leaf.shape[0] for leaf in tree_leaves(tree) if leaf.dim() > 0}
-    if len(sizes) != 1:
-        raise ValueError(f"unstack needs leaves with one common leading size, got {sorted(sizes)}")
-    (k,) = sizes
-    return [tree_map(lambda leaf, i=i: leaf[i] if leaf.dim() > 0 else leaf, tree) for i in range(k)]
-
-
-def init_ensemble(
-    model: Model,
-    optimizer: GradientTransformation,
-    seeds: Sequence[int],
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> TrainState:
-    """A ``TrainState`` of ``len(seeds)`` members, member ``i`` exactly
-    ``init_train_state(model, optimizer, seeds[i])``, stacked on a leading axis.
-
-    ``params``, ``state`` (BatchNorm statistics per member) and ``rng`` are stacked;
-    ``step`` and ``opt_state`` are the optimiser's over the stacked params, which is the
-    per-member state stacked for every element-wise optimiser (SGD, Adam, ...).
-    """
-    members = [
-        init_train_state(model, optimizer, seed, device=device, dtype=dtype) for seed in seeds
-    ]
-    params = stack([m.params for m in members])
-    return TrainState(
-        params=params,
-        state=stack([m.state for m in members]),
-        opt_state=optimizer.init(params),
-        step=members[0].step,
-        rng=torch.stack([m.rng for m in members]),
-    )
-
-
-def make_ensemble_train_step(
-    model: Model,
-    loss_fn: LossFn,
-    optimizer: GradientTransformation,
-    *,
-    batch_per_member: bool = False,
-) -> Callable[[TrainState, tuple[Any, Any]], tuple[TrainState, dict[str, Tensor]]]:
-    """Build ``step(ensemble_state, (inputs, targets)) -> (ensemble_state, {"loss": (k,)})``.
-
-    The forward and backward of all members run as one ``vmap``; member ``i`` gets
-    exactly the update ``make_train_step`` gives it alone (dropout key
-    ``fold_in(rng_i, step)``, its own BatchNorm statistics).
-
-    The optimiser runs once on the stacked trees: its ``torch._foreach`` kernels have no
-    ``vmap`` batching rule, and for an element-wise optimiser (every one in
-    :mod:`functorch_diary.optim`) updating the stack is updating each member. One that
-    mixes elements of a leaf (a per-leaf norm, LAMB-style) would mix members: don't.
-
-    Args:
-        model, loss_fn, optimizer: as for :func:`~functorch_diary.make_train_step`.
-        batch_per_member: ``False``: every member sees the same batch; ``True``: inputs
-            and targets carry a leading member axis.
-    """
-
-    def loss_and_state(params: Params, state: State, inputs: Any, targets: Any, key: Tensor):
-        outputs, new_state = model.apply(params, state, inputs, train=True, rng=key)
-        return loss_fn(outputs, targets), new_state
-
-    data_dim = 0 if batch_per_member else None
-    grads_of = vmap(
-        grad_and_value(loss_and_state, has_aux=True), in_dims=(0, 0, data_dim, data_dim, 0)
-    )
-
-    def step(ts: TrainState, batch: tuple[Any, Any]) -> tuple[TrainState, dict[str, Tensor]]:
-        inputs, targets = batch
-        keys = prng.fold_in(ts.rng, ts.step)
-        grads, (loss, new_state) = grads_of(ts.params, ts.state, inputs, targets, keys)
-        params, opt_state = apply_gradients(optimizer, grads, ts.opt_state, ts.params)
-        return TrainState(params, new_state, opt_state, ts.step + 1, ts.rng), {"loss": loss}
-
-    return step
-
-
-def ensemble_apply(
-    model: Model, params: Params, state: State, *inputs: Any, per_member_inputs: bool = False
-) -> Any:
-    """Every member's eval-mode outputs, stacked on a leading member axis.
-
-    Example:
-        >>> import torch
-        >>> from functorch_diary import models
-        >>> model = models.mlp(in_features=4, hidden=(8,), num_classes=3)
-        >>> members = [model.init(seed) for seed in range(5)]
-        >>> params, state = stack([p for p, _ in members]), stack([s for _, s in members])
-        >>> ensemble_apply(model, params, state, torch.randn(2, 4)).shape
-        torch.Size([5, 2, 3])
-    """
-    data_dim = 0 if per_member_inputs else None
-
-    def one(p: Params, s: State, *xs: Any) -> Any:
-        return model.apply(p, s, *xs, train=False)[0]
-
-    return vmap(one, in_dims=(0, 0, *([data_dim] * len(inputs))))(params, state, *inputs)
 
 
 def loss_of_params(

@@ -6,6 +6,9 @@ a 0-dim ``int64`` tensor and every random number is a hash of (key, position): t
 key always gives the same numbers, on any device, eagerly, under ``torch.compile`` and
 under ``vmap`` (a batch of keys gives a batch of independent streams).
 
+Inside ``Model.apply`` every random torch function is answered from such keys
+(:mod:`functorch_diary.model.randomness`).
+
 The hash is two rounds of a 32-bit integer mixer (multiply, xor-shift). Every product
 stays below 2**63, so int64 arithmetic never overflows on any backend.
 
@@ -23,9 +26,9 @@ Example:
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = ["KeyedDropout", "fold_in", "key", "uniform"]
+__all__ = ["bits", "fold_in", "key", "uniform"]
 
 _MASK32 = 0xFFFFFFFF
 _MUL1 = 0x7FEB352D  # both multipliers are below 2**31: a 32-bit value times one fits in int64
@@ -56,41 +59,16 @@ def fold_in(base: Tensor, data: int | Tensor) -> Tensor:
     return ((high & 0x7FFFFFFF) << 32) | low
 
 
+def bits(key: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """Uniform 32-bit integers (int64 in [0, 2**32)), a pure function of ``key`` and ``shape``."""
+    counter = torch.arange(int(torch.Size(shape).numel()), device=key.device, dtype=torch.int64)
+    low, high = _mix32(key & _MASK32), _mix32((key >> 32) & _MASK32)
+    return _mix32(_mix32(((counter * _GOLDEN) & _MASK32) ^ low) ^ high).reshape(shape)
+
+
 def uniform(
     key: Tensor, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """Numbers in [0, 1) on the key's device, a pure function of ``key`` and ``shape``."""
-    counter = torch.arange(int(torch.Size(shape).numel()), device=key.device, dtype=torch.int64)
-    low, high = _mix32(key & _MASK32), _mix32((key >> 32) & _MASK32)
-    bits = _mix32(_mix32(((counter * _GOLDEN) & _MASK32) ^ low) ^ high)
     # 24 random bits are exact in every float dtype we use and give an unbiased grid.
-    return ((bits >> 8).to(dtype) * (1.0 / (1 << 24))).reshape(shape)
-
-
-class KeyedDropout(nn.Module):
-    """Dropout whose mask comes from the ``key`` buffer instead of the global generator.
-
-    ``Model`` puts one in place of every ``nn.Dropout``/``Dropout1d/2d/3d`` of its
-    template and feeds each a key derived from ``apply``'s ``rng``. ``channelwise``
-    drops whole channels, as ``Dropout1d/2d/3d`` do.
-    """
-
-    def __init__(self, p: float, channelwise: bool = False) -> None:
-        super().__init__()
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
-        self.p = p
-        self.channelwise = channelwise
-        self.register_buffer("key", torch.zeros((), dtype=torch.int64), persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if self.p == 1.0:
-            return torch.zeros_like(x)
-        shape = (*x.shape[:2], *([1] * (x.dim() - 2))) if self.channelwise else x.shape
-        keep = uniform(self.key, shape, x.dtype) >= self.p
-        return x * keep / (1.0 - self.p)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, channelwise={self.channelwise}"
+    return (bits(key, shape) >> 8).to(dtype) * (1.0 / (1 << 24))

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from functorch_diary import func, models, optim, prng
 from functorch_diary.model.core import Model
 from functorch_diary.testing import assert_trees_close
+from functorch_diary.training import ensemble as ens
 from functorch_diary.training.step import init_train_state, make_train_step
 from functorch_diary.tree import tree_clone
 
@@ -191,8 +192,8 @@ class EnsNet(nn.Module):
 )
 def test_ensemble_equals_separate_trainings(per_member, make_opt):
     model, opt, seeds = Model(EnsNet), make_opt(), [3, 7, 11]
-    ensemble = func.init_ensemble(model, opt, seeds, dtype=torch.float64)
-    step = func.make_ensemble_train_step(model, F.cross_entropy, opt, batch_per_member=per_member)
+    ensemble = ens.init_ensemble(model, opt, seeds, dtype=torch.float64)
+    step = ens.make_ensemble_train_step(model, F.cross_entropy, opt, batch_per_member=per_member)
     single = make_train_step(model, F.cross_entropy, opt)
     members = [init_train_state(model, opt, s, dtype=torch.float64) for s in seeds]
     gen = torch.Generator().manual_seed(0)
@@ -206,17 +207,17 @@ def test_ensemble_equals_separate_trainings(per_member, make_opt):
         results = [single(m, (x[i], y[i]) if per_member else (x, y)) for i, m in enumerate(members)]
         members = [r[0] for r in results]
         assert_trees_close(metrics["loss"], torch.stack([r[1]["loss"] for r in results]), **F64)
-    for got, want in zip(func.unstack(ensemble), members, strict=True):
+    for got, want in zip(ens.unstack(ensemble), members, strict=True):
         assert_trees_close(got, want, **F64)
 
 
 def test_ensemble_apply_and_stack_roundtrip():
     model = Model(EnsNet)
     trees = [model.init(seed) for seed in range(4)]
-    params, state = func.stack([p for p, _ in trees]), func.stack([s for _, s in trees])
-    assert_trees_close(func.unstack(params), [p for p, _ in trees])
+    params, state = ens.stack([p for p, _ in trees]), ens.stack([s for _, s in trees])
+    assert_trees_close(ens.unstack(params), [p for p, _ in trees])
     x = torch.randn(5, 4)
-    out = func.ensemble_apply(model, params, state, x)
+    out = ens.ensemble_apply(model, params, state, x)
     expected = torch.stack([model.apply(p, s, x)[0] for p, s in trees])
     assert_trees_close(out, expected, rtol=1e-5, atol=1e-6)
 
@@ -331,7 +332,7 @@ def test_subset_grads_equal_requires_grad_false_and_partial_sgd():
 
 def test_unstack_rejects_ragged_and_stack_rejects_empty():
     with pytest.raises(ValueError, match="one common leading size"):
-        func.unstack({"a": torch.zeros(2, 1), "b": torch.zeros(3)})
+        ens.unstack({"a": torch.zeros(2, 1), "b": torch.zeros(3)})
     with pytest.raises(ValueError, match="at least one tree"):
-        func.stack([])
-    assert copy.deepcopy(func.unstack({"a": torch.zeros(2), "n": torch.tensor(5)}))[1]["n"] == 5
+        ens.stack([])
+    assert copy.deepcopy(ens.unstack({"a": torch.zeros(2), "n": torch.tensor(5)}))[1]["n"] == 5

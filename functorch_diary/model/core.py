@@ -36,28 +36,11 @@ from .. import prng
 from ..tree import Params
 from .checks import LeafSpec, check_inputs, check_leaves
 from .diagnose import check_has_forward, locate_layer_error
+from .randomness import KeyedRandomness, MissingRngError
 
 __all__ = ["Model", "State", "extract"]
 
 State = dict[str, Tensor]
-
-_DROPOUTS: dict[type[nn.Module], bool] = {
-    nn.Dropout: False,
-    nn.Dropout1d: True,
-    nn.Dropout2d: True,
-    nn.Dropout3d: True,
-}
-
-
-def _keyed_dropout(module: nn.Module) -> nn.Module:
-    """Replace torch's dropout layers (global RNG) by :class:`prng.KeyedDropout` in place."""
-    for name, child in module.named_children():
-        if type(child) in _DROPOUTS:
-            setattr(module, name, prng.KeyedDropout(child.p, channelwise=_DROPOUTS[type(child)]))
-        else:
-            _keyed_dropout(child)
-    return module
-
 
 def extract(module: nn.Module) -> tuple[Params, State]:
     """Copy a live module's parameters and buffers into ``(params, state)``.
@@ -93,6 +76,9 @@ def seeded_cpu(seed: int | torch.Generator) -> Iterator[None]:
         torch.manual_seed(_seed_from(seed))
         with torch.device("cpu"):
             yield
+
+
+_RNG_HINT = "; pass rng= (an int or prng.key) to apply"
 
 
 class Model:
@@ -153,18 +139,8 @@ class Model:
 
     def _install_template(self, template: nn.Module) -> None:
         check_has_forward(template)
-        template = _keyed_dropout(template)
-        self._dropout_keys = [
-            f"{name}.key"
-            for name, sub in template.named_modules()
-            if isinstance(sub, prng.KeyedDropout)
-        ]
         self.param_specs = {n: LeafSpec(p.shape, p.dtype) for n, p in template.named_parameters()}
-        self.state_specs = {
-            n: LeafSpec(b.shape, b.dtype)
-            for n, b in template.named_buffers()
-            if n not in set(self._dropout_keys)
-        }
+        self.state_specs = {n: LeafSpec(b.shape, b.dtype) for n, b in template.named_buffers()}
         # Two meta templates, one per mode, so apply never flips a module's mode: flipping
         # would be a side effect that torch.compile has to guard on and re-trace.
         self.template = template.train(True)
@@ -173,7 +149,7 @@ class Model:
         # A tied tensor is one param (or buffer) under its first name; its other names are
         # aliases, present in state_dicts only. functional_call's weight-tying pass walks
         # every module on every call (~0.2 ms on LeNet), so it runs only when there are any.
-        self._aliases = _aliases(template)
+        self._aliases = tied_aliases(template)
 
     def init(
         self,
@@ -195,10 +171,7 @@ class Model:
         """
         with seeded_cpu(seed):
             module = self._factory()
-        params, state = extract(_keyed_dropout(module).to(device=device, dtype=dtype))
-        for name in self._dropout_keys:
-            del state[name]
-        return params, state
+        return extract(module.to(device=device, dtype=dtype))
 
     def apply(
         self,
@@ -216,8 +189,11 @@ class Model:
             *inputs, **kwargs: passed to the module's ``forward``.
             train: training mode (BatchNorm uses batch statistics and updates its running
                 statistics; dropout is active). ``False`` is ``module.eval()``.
-            rng: an int seed or a :func:`prng.key`, needed when ``train=True`` and the
-                model has dropout. The same ``rng`` gives the same masks.
+            rng: an int seed or a :func:`prng.key`, needed when the forward draws random
+                numbers (dropout in training mode, stochastic depth, a ``torch.randn`` of
+                its own...). Every draw comes from it (:mod:`~functorch_diary.model.
+                randomness`), never from torch's global generator: the same ``rng`` gives
+                the same bits, another gives other draws.
 
         Returns:
             ``(outputs, new_state)``. ``new_state`` holds the updated running statistics
@@ -226,6 +202,8 @@ class Model:
         Raises:
             TreeMismatchError: a key of ``params``/``state`` is missing or unexpected, or a
                 leaf or input has the wrong shape, dtype or device (the message names it).
+            MissingRngError: the forward drew random numbers and ``rng`` is ``None`` (the
+                message names the function and the layer).
         """
         float_dtype, device = check_leaves("params", params, self.param_specs)
         check_leaves("state", state, self.state_specs, float_dtype=float_dtype, device=device)
@@ -235,29 +213,29 @@ class Model:
         # become new_state, so the caller's state is never touched.
         new_state = {name: b.clone() for name, b in state.items()} if train else state
         tensors.update(new_state)
-        if train and self._dropout_keys:
-            if rng is None:
-                raise ValueError(
-                    f"this model has dropout ({', '.join(self._dropout_keys)}); pass rng= "
-                    "(an int or prng.key) to apply(..., train=True)"
-                )
-            base = prng.key(rng, device=device)
-            for index, name in enumerate(self._dropout_keys):
-                tensors[name] = prng.fold_in(base, index)
+        key = None if rng is None else prng.key(rng, device=device)
         try:
-            outputs = functional_call(
-                self._templates[train],
-                tensors,
-                inputs,
-                kwargs,
-                tie_weights=bool(self._aliases),
-                strict=False,
-            )
-        except (RuntimeError, NotImplementedError) as error:
-            # Only on the error path: re-run once with hooks on a copy to name the layer.
-            located = locate_layer_error(self._templates[train], tensors, inputs, kwargs, error)
+            with KeyedRandomness(key, hint=_RNG_HINT):
+                outputs = functional_call(
+                    self._templates[train],
+                    tensors,
+                    inputs,
+                    kwargs,
+                    tie_weights=bool(self._aliases),
+                    strict=False,
+                )
+        except (RuntimeError, NotImplementedError, MissingRngError) as error:
+            # Only on the error path: re-run once with hooks on a copy to name the layer
+            # (under the same keyed randomness, so the re-run draws nothing globally).
+            with KeyedRandomness(key, hint=_RNG_HINT):
+                located = locate_layer_error(
+                    self._templates[train], tensors, inputs, kwargs, error
+                )
             if located is None:
                 raise
+            if isinstance(error, MissingRngError):
+                where = f"layer {located.path!r}" if located.path else "the model's own forward"
+                raise MissingRngError(f"{error} (in {where})") from None
             raise located from error
         return outputs, new_state
 
@@ -316,7 +294,7 @@ class Model:
         return f"Model({name}, {len(self.param_specs)} params, {len(self.state_specs)} buffers)"
 
 
-def _aliases(module: nn.Module) -> dict[str, str]:
+def tied_aliases(module: nn.Module) -> dict[str, str]:
     """``{other name: first name}`` of every tensor registered under several names."""
     aliases = {}
     for named in (module.named_parameters, module.named_buffers):
@@ -332,7 +310,7 @@ def _converted(module: nn.Module, convert: Callable[[nn.Module], nn.Module]) -> 
     and ``.to_empty`` give each name its own tensor, which would make a tied weight two
     parameters. ``module`` is not modified."""
     converted = convert(copy.deepcopy(module))
-    for name, source in _aliases(module).items():
+    for name, source in tied_aliases(module).items():
         owner, _, leaf = name.rpartition(".")
         source_owner, _, source_leaf = source.rpartition(".")
         shared = getattr(converted.get_submodule(source_owner), source_leaf)

@@ -51,19 +51,18 @@ from torch import Tensor, fx, nn
 from torch.func import grad_and_value
 from torchvision.models.feature_extraction import NodePathTracer
 
-from .. import prng
 from ..training.step import LossFn
 from ..tree import Params, tree_map
 from .core import Model, State
+from .reparam import Reparametrized
 
 __all__ = ["IntermediateGrads", "intermediate_grads", "intermediates", "node_names"]
 
 Names = Sequence[str] | Mapping[str, str]
 
-# torchvision.ops modules and our keyed dropout are leaves: fx records one call for each
-# instead of tracing into Python that branches on tensor values.
+# torchvision.ops modules are leaves: fx records one call for each instead of tracing
+# into Python that branches on tensor values.
 _LEAF_MODULES = [
-    prng.KeyedDropout,
     *(
         obj
         for obj in vars(torchvision.ops).values()
@@ -221,7 +220,15 @@ def intermediates(model: Model, names: Names) -> Model:
     Raises:
         ValueError: a name is not in the graph (the message lists the names that are),
             or the model cannot be traced by ``torch.fx``.
+        TypeError: ``model`` is reparametrised: its factory builds torch's stateful
+            parametrizations, so tap the inner model and reparametrise the result.
     """
+    if isinstance(model, Reparametrized):
+        raise TypeError(
+            "intermediates of a reparametrised model would run torch's own (stateful) "
+            "parametrizations; apply it to the inner model and reparametrise its result, e.g. "
+            "reparam.spectral_norm(features.intermediates(model, names), selector)"
+        )
     return Model(partial(_build, model.factory, _as_aliases(names), False))
 
 

@@ -53,7 +53,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 from ..tree import Params, Selector, select
 from .checks import LeafSpec, check_leaves
-from .core import Model, State, _aliases, seeded_cpu
+from .core import Model, State, seeded_cpu, tied_aliases
 
 __all__ = [
     "Reparametrized",
@@ -365,17 +365,17 @@ class Reparametrized(Model):
         }
         known = {**self.param_specs, **self.state_specs}
         self._persistent = [n for n in template.state_dict() if n in known]
-        self._aliases = _aliases(template)
+        self._aliases = tied_aliases(template)
+        self._factory = self._parametrized_module
 
-    @property
-    def _factory(self) -> Callable[[], nn.Module]:
-        # Tools that rebuild a model from its factory (features.intermediates) would get
-        # the plain module and silently drop the reparametrisation: say what works instead.
-        raise TypeError(
-            "a reparametrised model has no plain module factory; apply the tool to the inner "
-            "model and reparametrise its result, e.g. "
-            "reparam.spectral_norm(features.intermediates(model, names), selector)"
-        )
+    def _parametrized_module(self) -> nn.Module:
+        """The imperative twin: the inner module with torch's parametrizations registered
+        on the selected weights (what :attr:`factory` builds)."""
+        module = self.inner.factory()
+        for site in self._sites:
+            prefix, _, name = site.path.rpartition(".")
+            site.rule.register(module.get_submodule(prefix), name)
+        return module
 
     def _materialize(self) -> tuple[nn.Module, Params, State]:
         module, params, state = _materialize(self.inner)

@@ -1,13 +1,14 @@
 """Training: the one pure step, its compile policy, GAN steps, ensembles, projections, the
 non-finite guard, ``fit`` and data-parallel training."""
 
-from . import distributed, fit, gan, projections
+from . import distributed, ensemble, fit, gan, projections
 from .guard import guard_train_step
 from .step import TrainState, init_train_state, make_eval_step, make_train_step
 
 __all__ = [
     "TrainState",
     "distributed",
+    "ensemble",
     "fit",
     "gan",
     "guard_train_step",

@@ -38,13 +38,12 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.func import grad_and_value
 
 from .. import prng
 from ..model.core import Model
-from ..optim.base import GradientTransformation, apply_gradients
+from ..optim.base import GradientTransformation
 from ..tree import PyTree, tree_leaves, tree_map, tree_unflatten_like
-from .step import Batch, LossFn, TrainState
+from .step import Batch, LossFn, TrainState, build_step, step_key
 
 __all__ = [
     "DistributedError",
@@ -226,23 +225,14 @@ def make_data_parallel_train_step(
         DistributedError: a collective failed (a rank died or timed out).
     """
 
-    def loss_and_state(params, state, inputs, targets, key):
-        outputs, new_state = model.apply(params, state, inputs, train=True, rng=key)
-        return loss_fn(outputs, targets), new_state
+    def key_of(ts: TrainState) -> Tensor:
+        return prng.fold_in(step_key(ts), _rank_and_size(group)[0])
 
-    def step(ts: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
-        rank, _ = _rank_and_size(group)
-        inputs, targets = batch
-        key = prng.fold_in(prng.fold_in(ts.rng, ts.step), rank)
-        grads, (loss, new_state) = grad_and_value(loss_and_state, has_aux=True)(
-            ts.params, ts.state, inputs, targets, key
-        )
+    def reduce(grads: PyTree, loss: Tensor, new_state: PyTree):
         floating = {k: v for k, v in new_state.items() if v.is_floating_point()}
         grads, loss, floating = all_reduce_mean(
             (grads, loss.detach(), floating), group, what="all-reduce of the gradients"
         )
-        params, opt_state = apply_gradients(optimizer, grads, ts.opt_state, ts.params)
-        state = {k: floating.get(k, v) for k, v in new_state.items()}
-        return TrainState(params, state, opt_state, ts.step + 1, ts.rng), {"loss": loss}
+        return grads, loss, {k: floating.get(k, v) for k, v in new_state.items()}
 
-    return step
+    return build_step(model, loss_fn, optimizer, key_of=key_of, reduce=reduce)

@@ -47,14 +47,15 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import grad, grad_and_value, vmap
+from torch.func import grad, vmap
 
 from .. import prng
 from ..model.core import Model
-from ..optim.base import GradientTransformation, apply_gradients
+from ..optim.base import GradientTransformation
 from ..tree import Params
+from .compile import with_compile_policy
 from .projections import Projection
-from .step import TrainState, _with_compile_policy, init_train_state
+from .step import TrainState, apply_step, init_train_state, step_key, value_and_grad
 
 __all__ = [
     "GANState",
@@ -200,11 +201,6 @@ def init_gan_state(
     return GANState(g, d)
 
 
-def _update(ts: TrainState, grads: Params, optimizer: GradientTransformation) -> TrainState:
-    params, opt_state = apply_gradients(optimizer, grads, ts.opt_state, ts.params)
-    return ts._replace(params=params, opt_state=opt_state, step=ts.step + 1)
-
-
 def make_critic_step(
     generator: Model,
     critic: Model,
@@ -246,7 +242,7 @@ def make_critic_step(
         if penalty_weight and alpha is None:
             raise ValueError("a gradient penalty needs alpha: critic_step(gs, real, z, alpha)")
         g, d = gs
-        key = prng.fold_in(d.rng, d.step)
+        key = step_key(d)
         fake, g_state = generator.apply(g.params, g.state, z, train=True, rng=prng.fold_in(key, 0))
 
         def objective(params: Params):
@@ -269,13 +265,13 @@ def make_critic_step(
                 metrics["gradient_penalty"] = penalty
             return loss, (state, metrics)
 
-        grads, (loss, (d_state, metrics)) = grad_and_value(objective, has_aux=True)(d.params)
-        d = _update(d._replace(state=d_state), grads, optimizer)
+        grads, (loss, (d_state, metrics)) = value_and_grad(objective, d.params)
+        d = apply_step(d, grads, d_state, optimizer)
         if projection is not None:
             d = d._replace(params=projection(d.params))
         return GANState(g._replace(state=g_state), d), {"critic_loss": loss, **metrics}
 
-    return _with_compile_policy(step, compile, compile_mode, compile_backend)
+    return with_compile_policy(step, compile, compile_mode, compile_backend)
 
 
 def make_generator_step(
@@ -307,7 +303,7 @@ def make_generator_step(
 
     def step(gs: GANState, z: Tensor) -> tuple[GANState, Metrics]:
         g, d = gs
-        key = prng.fold_in(g.rng, g.step)
+        key = step_key(g)
 
         def objective(params: Params):
             fake, g_state = generator.apply(
@@ -318,11 +314,11 @@ def make_generator_step(
             )
             return loss_fn(scores), (g_state, d_state)
 
-        grads, (loss, (g_state, d_state)) = grad_and_value(objective, has_aux=True)(g.params)
-        g = _update(g._replace(state=g_state), grads, optimizer)
+        grads, (loss, (g_state, d_state)) = value_and_grad(objective, g.params)
+        g = apply_step(g, grads, g_state, optimizer)
         return GANState(g, d._replace(state=d_state)), {"generator_loss": loss}
 
-    return _with_compile_policy(step, compile, compile_mode, compile_backend)
+    return with_compile_policy(step, compile, compile_mode, compile_backend)
 
 
 def make_gan_step(
@@ -367,4 +363,4 @@ def make_gan_step(
         gs, g_metrics = generator_step(gs, zs[n_critic])
         return gs, {**metrics, **g_metrics}
 
-    return _with_compile_policy(step, compile, compile_mode, compile_backend)
+    return with_compile_policy(step, compile, compile_mode, compile_backend)

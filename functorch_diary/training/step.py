@@ -5,15 +5,12 @@ objects that hold hidden state. Here one pure function maps the whole training s
 and a batch to the next state and the metrics; nothing is mutated, nothing needs zeroing,
 and the same function runs eagerly or as one ``torch.compile`` d graph.
 
-The compile policy: ``compile=None`` (the default) compiles the whole step (forward,
-backward, optimiser update, BatchNorm state, parameter transforms) as one graph when the
-params are on CUDA and runs it eagerly elsewhere; ``compile=True`` compiles on the CPU
-too. ``fullgraph=True`` turns any graph break into an error, each step function owns its
-compile cache (so building many steps in one process never hits Dynamo's recompile
-limit), and the train and eval steps are compiled separately, so alternating them
-re-traces neither. ``autocast_dtype=torch.bfloat16`` runs forward and loss under
-``torch.autocast``; ``channels_last=True`` keeps 4-D inputs, weights and optimiser
-buffers in the NHWC memory format.
+Every training step of the package (this one, ensembles, data-parallel, sharded and GAN
+steps) is built from the same three pieces defined here: :func:`value_and_grad` (the one
+gradient path rule), :func:`loss_objective` (forward in training mode plus the loss) and
+:func:`apply_step` (the optimiser update that makes the next ``TrainState``). Whatever the
+caller passes, what a step returns carries no autograd history (:func:`values_out`).
+Compilation follows :mod:`~functorch_diary.training.compile`.
 
 Example:
     >>> import torch
@@ -31,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import types
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -40,25 +36,33 @@ from torch import Tensor
 from torch.func import grad_and_value
 
 from .. import prng
+from .._torch import functorch_transform_active
+from ..model.checks import check_leaves
 from ..model.core import Model, State
 from ..optim.base import GradientTransformation, apply_gradients
 from ..tree import Params, PyTree, tree_leaves, tree_map, tree_unflatten_like
+from .compile import COMPILE_MODES, to_channels_last, with_compile_policy
 
 __all__ = [
     "COMPILE_MODES",
     "LossFn",
+    "Metrics",
     "TrainState",
+    "apply_step",
+    "build_step",
     "init_train_state",
+    "loss_objective",
     "make_eval_step",
     "make_train_step",
+    "step_key",
+    "value_and_grad",
+    "values_out",
 ]
 
 #: ``loss_fn(outputs, targets) -> scalar``, e.g. ``torch.nn.functional.cross_entropy``.
 LossFn = Callable[[Any, Any], Tensor]
 Batch = tuple[Any, Any]
-#: The ``torch.compile`` modes a step accepts (``None`` means ``"default"``):
-#: ``"reduce-overhead"`` replays CUDA graphs, ``"max-autotune"`` benchmarks kernel choices.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+Metrics = dict[str, Tensor]
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -91,9 +95,27 @@ def init_train_state(
     state: State | None = None,
 ) -> TrainState:
     """A fresh ``TrainState``: ``model.init(seed)`` (or the given params/state) and
-    ``optimizer.init(params)``; ``seed`` also seeds the dropout key."""
-    if params is None or state is None:
-        params, state = model.init(seed, device=device, dtype=dtype)
+    ``optimizer.init(params)``; ``seed`` also seeds the random key.
+
+    Given ``params`` (e.g. ``dict(net.named_parameters())``) without ``state``, the state
+    is the model's initial one (``model.init(seed)``'s, on the params' device and dtype).
+    Given leaves are taken as values: detached, so no autograd graph reaches into the
+    run (the caller's tensors are not modified).
+
+    Raises:
+        TreeMismatchError: ``params`` or ``state`` do not fit the model (names the leaf).
+    """
+    if params is None:
+        params, fresh = model.init(seed, device=device, dtype=dtype)
+        state = fresh if state is None else state
+    elif state is None:
+        float_dtype, where = check_leaves("params", params, model.param_specs)
+        _, state = model.init(seed)
+        state = {
+            name: leaf.to(device=where, dtype=float_dtype if leaf.is_floating_point() else None)
+            for name, leaf in state.items()
+        }
+    params, state = values_out(params), values_out(state)
     leaves = tree_leaves(params)
     where = leaves[0].device if leaves else device
     return TrainState(
@@ -103,10 +125,6 @@ def init_train_state(
         step=torch.zeros((), dtype=torch.int64, device=where),
         rng=prng.key(seed, device=where),
     )
-
-
-def _on_cuda(state: Any) -> bool:
-    return any(isinstance(leaf, Tensor) and leaf.is_cuda for leaf in tree_leaves(state))
 
 
 def _check_options(compile_mode: str | None, autocast_dtype: torch.dtype | None) -> None:
@@ -120,71 +138,53 @@ def _check_options(compile_mode: str | None, autocast_dtype: torch.dtype | None)
         )
 
 
-def _to_channels_last(tree: PyTree) -> PyTree:
-    """Every 4-D tensor of ``tree`` in NHWC memory order (a no-op for those already so)."""
-
-    def convert(leaf: Any) -> Any:
-        if isinstance(leaf, Tensor) and leaf.dim() == 4:
-            return leaf.contiguous(memory_format=torch.channels_last)
-        return leaf
-
-    return tree_map(convert, tree)
-
-
 def _autocast(params: Params, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(tree_leaves(params)[0].device.type, dtype=dtype)
 
 
-def _own_code(fn: Callable) -> Callable:
-    """``fn`` with a private copy of its code object.
+def _eager_autograd_allowed(autocast: bool) -> bool:
+    """The one gradient path rule: plain ``torch.autograd.grad`` when eager, outside every
+    ``torch.func`` transform and without autocast; ``grad_and_value`` everywhere else."""
+    if autocast or torch.compiler.is_compiling():
+        return False
+    return functorch_transform_active() is False
 
-    Dynamo caches compiled graphs on the code object, and every step that
-    ``make_train_step`` builds shares one: the ninth step built in a process (another
-    model, another optimiser, a test suite) would count as the ninth recompilation and,
-    under ``fullgraph=True``, raise ``FailOnRecompileLimitHit``. A private code object
-    gives each step its own cache on every torch version.
+
+def values_out(tree: PyTree) -> PyTree:
+    """``tree`` with every leaf that carries autograd history detached (a view, no copy).
+
+    A step's results are values: params passed with ``requires_grad=True`` (an
+    ``nn.Parameter``) would otherwise chain each step's graph to the last one. Inside a
+    ``torch.func`` transform (the gradient *through* a step, as MAML takes it) the leaves
+    are left as they are, since the transform needs them.
     """
-    return types.FunctionType(
-        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
-    )
+    if functorch_transform_active():
+        return tree
+
+    def detach(leaf: Any) -> Any:
+        if isinstance(leaf, Tensor) and (leaf.requires_grad or leaf.grad_fn is not None):
+            return leaf.detach()
+        return leaf
+
+    return tree_map(detach, tree)
 
 
-def _grad_and_value(
+def value_and_grad(
     fn: Callable[..., tuple[Tensor, Any]], params: Params, *args: Any, autocast: bool = False
 ) -> tuple[Params, tuple[Tensor, Any]]:
     """``torch.func.grad_and_value(fn, has_aux=True)(params, *args)``, faster when eager.
 
-    Under ``torch.compile``, inside another ``torch.func`` transform (the gradient
-    through a step, as MAML takes it) and under autocast this is ``grad_and_value``
-    itself. Otherwise, run eagerly, ``grad_and_value`` records the backward pass as a
-    differentiable graph (``create_graph=True``, so that its result can be differentiated
-    again), which costs ~25% of a LeNet step on the CPU; plain ``torch.autograd.grad`` on
-    detached copies gives bit-identical gradients without that cost (except through BCE
-    with logits, whose functorch version below moves float32 gradients by ~1e-7). The
-    params passed in are not touched either way.
-
-    Under autocast the two paths can differ by a bf16 rounding, and the eager step keeps
-    ``grad_and_value`` so as to give the compiled step's numbers. The cause is in torch,
-    not in autocast's backward: functorch registers its own ``binary_cross_entropy_with_logits``
-    and ``linear`` on the ``FuncTorchDynamicLayerFrontMode`` dispatch key
-    (``aten/src/ATen/functorch/PyTorchOperatorHacks.cpp``), which runs before the
-    Autocast keys, so inside any ``torch.func`` transform autocast only sees their pieces.
-    BCE with logits then loses autocast's float32 policy: its ``exp``/``log`` run in bf16
-    on the bf16 logits (loss off by ~3e-4, every gradient by up to 1.5 bf16 eps of its
-    largest entry after one step; the DCGAN discriminator's params by 2e-4 after one SGD
-    step at lr 0.05 and 1.6e-2 after five with momentum). ``linear`` casts ``weight.t()``,
-    a view that autocast's weight cache skips (a Linear applied twice sums its weight
-    gradient in float32, not bf16), and for input other than 2-D or contiguous 3-D adds
-    the float32 bias in place to the bf16 product. Without these ops (convolutions,
-    BatchNorm, 2-D Linear, ``cross_entropy``, ``mse_loss``...) both paths give
-    ``loss.backward()``'s gradients bit for bit, and the autograd path does so with them
-    too; ``loss_fn(logits.float(), y)`` makes BCE exact on both (tests/test_autocast.py).
+    Every step of the package takes its gradients here. Eagerly, outside ``torch.func``
+    transforms and without autocast, plain ``torch.autograd.grad`` on detached copies
+    gives ``grad_and_value``'s gradients bit for bit (tests/training/test_step.py) without
+    recording the backward as a differentiable graph (~25% of a LeNet step on the CPU).
+    Under autocast the eager step keeps ``grad_and_value`` to give the compiled step's
+    numbers: functorch's own BCE-with-logits and ``linear`` bypass autocast (measured in
+    docs/benchmarks.md; tests/training/test_autocast.py).
     """
-    # No public API says "inside a torch.func transform"; the interpreter stack does.
-    transformed = torch._C._functorch.peek_interpreter_stack() is not None
-    if autocast or transformed or torch.compiler.is_compiling():
+    if not _eager_autograd_allowed(autocast):
         return grad_and_value(fn, has_aux=True)(params, *args)
     with torch.enable_grad():
         leaves = tree_map(lambda leaf: leaf.detach().requires_grad_(), params)
@@ -192,42 +192,87 @@ def _grad_and_value(
         grads = torch.autograd.grad(
             value, tree_leaves(leaves), allow_unused=True, materialize_grads=True
         )
-    detach = lambda leaf: leaf.detach() if isinstance(leaf, Tensor) else leaf  # noqa: E731
-    return tree_unflatten_like(params, grads), (value.detach(), tree_map(detach, aux))
+    return tree_unflatten_like(params, grads), (value.detach(), values_out(aux))
 
 
-def _with_compile_policy(
-    fn: Callable,
-    compile: bool | None,
-    mode: str | None,
-    backend: str | Callable = "inductor",
+def loss_objective(
+    model: Model, loss_fn: LossFn, autocast_dtype: torch.dtype | None = None
+) -> Callable[[Params, State, Any, Any, Tensor | None], tuple[Tensor, tuple[State, Metrics]]]:
+    """``objective(params, state, inputs, targets, key) -> (loss, (new_state, metrics))``:
+    the model in training mode (random draws from ``key``) and ``loss_fn`` on its outputs."""
+
+    def objective(params: Params, state: State, inputs: Any, targets: Any, key: Tensor | None):
+        with _autocast(params, autocast_dtype):
+            outputs, new_state = model.apply(params, state, inputs, train=True, rng=key)
+            loss = loss_fn(outputs, targets)
+        return loss, (new_state, {})
+
+    return objective
+
+
+def step_key(ts: TrainState) -> Tensor:
+    """The random key of step ``ts.step``: ``prng.fold_in(ts.rng, ts.step)``."""
+    return prng.fold_in(ts.rng, ts.step)
+
+
+def apply_step(
+    ts: TrainState,
+    grads: Params,
+    new_state: State,
+    optimizer: GradientTransformation,
+) -> TrainState:
+    """The next ``TrainState``: the optimiser's update of ``ts.params`` by ``grads``, the
+    model state ``new_state``, ``step + 1``; every leaf a value (:func:`values_out`)."""
+    params, opt_state = apply_gradients(optimizer, grads, ts.opt_state, ts.params)
+    return values_out(TrainState(params, new_state, opt_state, ts.step + 1, ts.rng))
+
+
+def build_step(
+    model: Model,
+    loss_fn: LossFn,
+    optimizer: GradientTransformation,
+    *,
+    autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
-) -> Callable:
-    """``fn(state, *args)``, compiled as one graph on first call when ``compile`` says so.
+    key_of: Callable[[TrainState], Tensor] = step_key,
+    reduce: Callable[[Params, Tensor, State], tuple[Params, Tensor, State]] | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """The step body, uncompiled: forward and loss (:func:`loss_objective`), gradients
+    (:func:`value_and_grad`), then :func:`apply_step`.
 
-    The one compile policy of the project (train, eval and GAN steps): ``compile=None``
-    compiles when the state's tensors are on CUDA. ``fullgraph=True`` makes a graph break
-    an error instead of a silent slowdown.
+    Args:
+        model, loss_fn, optimizer, autocast_dtype, channels_last: as for
+            :func:`make_train_step`.
+        key_of: the step's random key from the ``TrainState`` (data-parallel ranks fold
+            their rank in).
+        reduce: ``(grads, loss, new_state) -> (grads, loss, new_state)`` between the
+            backward pass and the update: the data-parallel step averages over ranks here.
     """
-    compiled: list[Callable] = []
+    objective = loss_objective(model, loss_fn, autocast_dtype)
 
-    def run(state: Any, *args: Any):
+    def step(ts: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        inputs, targets = batch
         if channels_last:
-            # Outside the graph: the compiled step is specialised to its inputs' strides,
-            # and it returns NHWC tensors, so the first call must see NHWC ones too.
-            state = _to_channels_last(state)
-        use = _on_cuda(state) if compile is None else compile
-        if not use:
-            return fn(state, *args)
-        if not compiled:
-            compiled.append(
-                torch.compile(_own_code(fn), mode=mode, backend=backend, fullgraph=True)
-            )
-        return compiled[0](state, *args)
+            inputs = to_channels_last(inputs)
+        grads, (loss, (new_state, metrics)) = value_and_grad(
+            objective,
+            ts.params,
+            ts.state,
+            inputs,
+            targets,
+            key_of(ts),
+            autocast=autocast_dtype is not None,
+        )
+        if reduce is not None:
+            grads, loss, new_state = reduce(grads, loss, new_state)
+        new_ts = apply_step(ts, grads, new_state, optimizer)
+        if channels_last:
+            # Pin the layout of what comes out, so the next call sees the strides this
+            # graph was specialised to (a gradient may come back in NCHW order).
+            new_ts = to_channels_last(new_ts)
+        return new_ts, {"loss": loss, **metrics}
 
-    run.__doc__ = fn.__doc__
-    run.__wrapped__ = fn  # the eager function, for tests and debugging
-    return run
+    return step
 
 
 def make_train_step(
@@ -284,41 +329,10 @@ def make_train_step(
         (torch.float32, True)
     """
     _check_options(compile_mode, autocast_dtype)
-    # Deriving the step's dropout key is ~25 tiny integer ops: skip them when nothing reads it.
-    template = getattr(model, "template", None)
-    has_dropout = template is None or any(
-        isinstance(m, prng.KeyedDropout) for m in template.modules()
+    step = build_step(
+        model, loss_fn, optimizer, autocast_dtype=autocast_dtype, channels_last=channels_last
     )
-
-    def loss_and_state(params: Params, state: State, inputs: Any, targets: Any, key: Tensor | None):
-        with _autocast(params, autocast_dtype):
-            outputs, new_state = model.apply(params, state, inputs, train=True, rng=key)
-            loss = loss_fn(outputs, targets)
-        return loss, new_state
-
-    def step(ts: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
-        inputs, targets = batch
-        if channels_last:
-            inputs = _to_channels_last(inputs)
-        key = prng.fold_in(ts.rng, ts.step) if has_dropout else None
-        grads, (loss, new_state) = _grad_and_value(
-            loss_and_state,
-            ts.params,
-            ts.state,
-            inputs,
-            targets,
-            key,
-            autocast=autocast_dtype is not None,
-        )
-        params, opt_state = apply_gradients(optimizer, grads, ts.opt_state, ts.params)
-        new_ts = TrainState(params, new_state, opt_state, ts.step + 1, ts.rng)
-        if channels_last:
-            # Pin the layout of what comes out, so the next call sees the strides this
-            # graph was specialised to (a gradient may come back in NCHW order).
-            new_ts = _to_channels_last(new_ts)
-        return new_ts, {"loss": loss}
-
-    return _with_compile_policy(step, compile, compile_mode, compile_backend, channels_last)
+    return with_compile_policy(step, compile, compile_mode, compile_backend, channels_last)
 
 
 def make_eval_step(
@@ -343,10 +357,10 @@ def make_eval_step(
     def eval_step(ts: TrainState, batch: Batch) -> tuple[Any, dict[str, Tensor]]:
         inputs, targets = batch
         if channels_last:
-            inputs = _to_channels_last(inputs)
+            inputs = to_channels_last(inputs)
         with _autocast(ts.params, autocast_dtype):
             outputs, _ = model.apply(ts.params, ts.state, inputs, train=False)
             metrics = {} if loss_fn is None else {"loss": loss_fn(outputs, targets)}
-        return outputs, metrics
+        return values_out((outputs, metrics))
 
-    return _with_compile_policy(eval_step, compile, compile_mode, compile_backend, channels_last)
+    return with_compile_policy(eval_step, compile, compile_mode, compile_backend, channels_last)

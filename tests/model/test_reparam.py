@@ -349,3 +349,16 @@ def test_tools_that_rebuild_from_the_factory_are_told_to_wrap_the_inner_model():
     params, state = model.init(0)
     out, new_state = model.apply(params, state, torch.randn(1, 1, 6, 6), train=True)
     assert list(out) == ["1"] and set(new_state) == set(state)
+
+
+def test_a_reparametrized_model_is_a_model_whose_factory_builds_its_imperative_twin():
+    base = Model(lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)))
+    model = reparam.weight_norm(reparam.spectral_norm(base, "0.weight"), "2.weight")
+    assert isinstance(model, Model)
+    params, state = model.init(seed=3)
+    twin = model.factory()  # torch's parametrizations registered on the same weights
+    twin.load_state_dict(model.state_dict(params, state))
+    x = torch.randn(6, 4)
+    out, _ = model.apply(params, state, x, train=False)
+    assert_trees_close(out, twin.eval()(x), rtol=1e-6, atol=1e-6)
+    assert set(twin.state_dict()) == set(model.state_dict(params, state))
