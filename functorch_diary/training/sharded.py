@@ -74,7 +74,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import prng
 from ..model.core import Model
-from ..optim.base import GradientTransformation, apply_gradients
+from ..optim.base import GradientTransformation
 from ..tree import (
     PyTree,
     Selector,
@@ -85,7 +85,7 @@ from ..tree import (
     tree_unflatten_like,
 )
 from .distributed import DistributedError, all_reduce_mean
-from .step import Batch, LossFn, TrainState
+from .step import Batch, LossFn, TrainState, apply_step, loss_objective, step_key, value_and_grad
 
 __all__ = [
     "DEFAULT_MIN_NUMEL",
@@ -419,28 +419,32 @@ def make_sharded_train_step(
             names this rank.
     """
 
+    objective = loss_objective(model, loss_fn)
+
+    def sharded_objective(params, state, inputs, targets, key):
+        # Hook 1, inside the differentiated function: whole params for compute (and the
+        # whole batch's BatchNorm statistics); each rank's loss is the mean over its
+        # shard, so 1/size of it summed by the reduce-scatter is the mean.
+        mesh = _params_mesh(params)
+        sync = _SyncBatchNorm(mesh) if sync_batch_norm and mesh.size() > 1 else None
+        with sync if sync is not None else contextlib.nullcontext():
+            loss, (new_state, metrics) = objective(
+                _gather_for_compute(params), state, inputs, targets, key
+            )
+        return loss / mesh.size(), (new_state, {**metrics, "loss": loss})
+
     def step(ts: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
         mesh = _params_mesh(ts.params)
-        rank, size = mesh.get_local_rank(), mesh.size()
-        group = mesh.get_group()
+        rank, size, group = mesh.get_local_rank(), mesh.size(), mesh.get_group()
         inputs, targets = batch
-        key = prng.fold_in(prng.fold_in(ts.rng, ts.step), rank)
-        state = _to_local(ts.state)
+        key = prng.fold_in(step_key(ts), rank)  # each shard holds other samples
         try:
-            with torch.enable_grad():
-                leaves = tree_map(lambda p: p.detach().requires_grad_(), ts.params)
-                full = _gather_for_compute(leaves)
-                mode = _SyncBatchNorm(mesh) if sync_batch_norm and size > 1 else None
-                with mode if mode is not None else contextlib.nullcontext():
-                    outputs, new_state = model.apply(full, state, inputs, train=True, rng=key)
-                    loss = loss_fn(outputs, targets)
-                # Each rank's loss is the mean over its shard: 1/size of it sums to the mean.
-                grads = torch.autograd.grad(
-                    loss / size, tree_leaves(leaves), allow_unused=True, materialize_grads=True
-                )
-            grads = _grads_to_shards(tree_unflatten_like(ts.params, grads), ts.params)
-            loss = all_reduce_mean(loss.detach(), group, what="all-reduce of the loss")
-            if not sync_batch_norm:
+            grads, (_, (new_state, metrics)) = value_and_grad(
+                sharded_objective, ts.params, _to_local(ts.state), inputs, targets, key
+            )
+            grads = _grads_to_shards(grads, ts.params)  # hook 2
+            metrics = all_reduce_mean(metrics, group, what="all-reduce of the metrics")
+            if not sync_batch_norm:  # the state policy: per-shard statistics, averaged
                 floating = {k: v for k, v in new_state.items() if v.is_floating_point()}
                 floating = all_reduce_mean(floating, group, what="all-reduce of the state")
                 new_state = {k: floating.get(k, v) for k, v in new_state.items()}
@@ -455,19 +459,17 @@ def make_sharded_train_step(
                 f"the other ranks' output for the first error. ({type(exc).__name__}: "
                 f"{str(exc).strip().splitlines()[0] if str(exc) else ''})"
             ) from exc
-        # Hook 3: the optimiser sees plain tensors, the local shards only.
-        params, opt_state = apply_gradients(
-            optimizer, _to_local(grads), _to_local(ts.opt_state), _to_local(ts.params)
-        )
-        detached = tree_map(lambda t: t.detach(), new_state)
+        # Hook 3: the update runs on the local shards, plain tensors, then is re-wrapped.
+        local = TrainState(_to_local(ts.params), {}, _to_local(ts.opt_state), ts.step, ts.rng)
+        new_local = apply_step(local, _to_local(grads), new_state, optimizer)
         new_ts = TrainState(
-            _like(params, ts.params),
-            _like(detached, ts.state),
-            _like(opt_state, ts.opt_state),
-            ts.step + 1,
-            ts.rng,
+            _like(new_local.params, ts.params),
+            _like(new_local.state, ts.state),
+            _like(new_local.opt_state, ts.opt_state),
+            new_local.step,
+            new_local.rng,
         )
-        return new_ts, {"loss": loss}
+        return new_ts, metrics
 
     return step
 
