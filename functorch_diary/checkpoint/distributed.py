@@ -6,7 +6,9 @@ of the ``like=`` state it is loaded into (DCP reads the pieces each rank's shard
 Nothing is pickled that carries code: tensors are DCP's raw bytes, and the tree's
 structure (TrainState, the optimiser's NamedTuple states) is a small file in the
 project's own safe format (:func:`functorch_diary.checkpoint.save`) whose leaves are the
-tensors' key strings.
+tensors' key strings. DCP's own ``.metadata`` is a pickle, which DCP loads with plain
+``pickle.load``: :func:`load` and :func:`to_single_file` first read it with an allowlist
+of the classes DCP writes, and refuse a file that names anything else.
 
 Layout of a checkpoint directory::
 
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -212,8 +215,59 @@ def _version_dir(directory: str | os.PathLike[str]) -> str:
     return os.path.join(os.fspath(directory), version)
 
 
+# DCP's ``.metadata`` is a pickle that DCP loads with plain ``pickle.load``; these are the
+# only globals a file DCP wrote refers to. Anything else is refused before DCP reads it.
+_METADATA_GLOBALS = {
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "ChunkStorageMetadata",
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, handle: Any, path: str):
+        super().__init__(handle)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (module, name) in _METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        )
+        if not allowed:
+            raise CheckpointError(
+                f"{self.path!r} refers to {module}.{name}, which a checkpoint written by "
+                "torch.distributed.checkpoint never does; refusing to load it (a pickle can "
+                "run code)"
+            )
+        return super().find_class(module, name)
+
+
 def _stored_keys(version_dir: str) -> dict[str, Any]:
-    return dict(dcp.FileSystemReader(version_dir).read_metadata().state_dict_metadata)
+    """The tensors DCP stored (key -> size and dtype), read with the allowlist above."""
+    path = os.path.join(version_dir, ".metadata")
+    try:
+        with open(path, "rb") as handle:
+            metadata = _MetadataUnpickler(handle, path).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path!r} is not a readable DCP metadata file ({exc})") from exc
+    return dict(metadata.state_dict_metadata)
 
 
 def load(directory: str | os.PathLike[str], *, like: PyTree) -> PyTree:
@@ -253,8 +307,8 @@ def to_single_file(directory: str | os.PathLike[str], path: str | os.PathLike[st
     """Write the latest version of ``directory`` as one file in the project's format (the
     full tensors, whatever the number of ranks that saved it). One process, no group."""
     version_dir = _version_dir(directory)
-    skeleton = load_file(os.path.join(version_dir, _STRUCTURE))
     stored = _stored_keys(version_dir)
+    skeleton = load_file(os.path.join(version_dir, _STRUCTURE))
     full = {
         key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         for key, meta in stored.items()

@@ -4,6 +4,9 @@ single-file format; a save cut short by a dead rank leaves the last good one in 
 
 from __future__ import annotations
 
+import os
+import pickle
+import shutil
 import time
 
 import pytest
@@ -116,12 +119,12 @@ def test_load_on_4_ranks_reshards(saved):
     at2 = checkpoint.load(saved / "at2.ckpt")
     fd.assert_trees_close(checkpoint.load(saved / "loaded_on_4.ckpt"), at2)  # bit for bit
     # 4 ranks sum the gradient in another order than 2: equal to rounding, not to the bit.
+    resumed = checkpoint.load(saved / "resumed_on_4.ckpt")
     fd.assert_trees_close(
-        checkpoint.load(saved / "resumed_on_4.ckpt"),
-        checkpoint.load(saved / "uninterrupted.ckpt"),
-        rtol=1e-12,
-        atol=1e-15,
+        resumed, checkpoint.load(saved / "uninterrupted.ckpt"), rtol=1e-12, atol=1e-15
     )
+    # 2 steps on 2 ranks, then 2 on 4 ranks: the single process's 4 steps.
+    fd.assert_trees_close(resumed, _reference(4), rtol=1e-12, atol=1e-15)
 
 
 def test_load_in_one_process_and_convert_both_ways(saved, tmp_path):
@@ -183,3 +186,29 @@ def test_a_rank_dying_mid_save_fails_the_other_and_keeps_the_last_good_checkpoin
     model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
     like = init_train_state(model, optim.adamw(1e-2), seed=1, dtype=torch.float64)
     fd.assert_trees_close(dcheckpoint.load(run, like=like), _reference(1), rtol=1e-12, atol=1e-15)
+
+
+class _Payload:
+    """A pickle that runs code when loaded: what a hostile checkpoint would hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_metadata_pickle_naming_other_code_is_refused_unrun(saved, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(saved / "run", run)
+    marker = tmp_path / "code-ran"
+    (run / dcheckpoint.latest_version(run) / ".metadata").write_bytes(
+        pickle.dumps(_Payload(marker))
+    )
+    model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
+    like = init_train_state(model, optim.adamw(1e-2), dtype=torch.float64)
+    with pytest.raises(checkpoint.CheckpointError, match="refusing to load it"):
+        dcheckpoint.load(run, like=like)
+    with pytest.raises(checkpoint.CheckpointError, match="refusing to load it"):
+        dcheckpoint.to_single_file(run, tmp_path / "single.ckpt")
+    assert not marker.exists()
