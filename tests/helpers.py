@@ -150,6 +150,16 @@ def sharded_case(name: str):
         # moves by lr / eps times the gradient's rounding, whoever computes it; eps 1e-4
         # keeps that gain at 10 instead of 1e5 (torch's default 1e-8).
         "adamw": lambda: optim.adamw(1e-3, weight_decay=0.01, eps=1e-4),
+        # torch's param_groups with a schedule each, and a frozen leaf: the optimiser
+        # selects leaves by path, and a rank's shards keep their paths.
+        "groups": lambda: optim.multi_transform(
+            {
+                "body": optim.sgd(optim.step_lr(0.1, step_size=2, gamma=0.5), momentum=0.9),
+                "head": optim.adamw(optim.cosine_annealing_lr(1e-2, T_max=3), eps=1e-4),
+            },
+            {"body": "net.1.*", "head": "net.3.*"},
+        ),
+        "frozen": lambda: optim.freeze(optim.adamw(1e-2, eps=1e-4), "net.1.bias"),
     }[opt_name]()
     shape = {"lenet": (1, 28, 28), "resnet18": (3, 8, 8)}.get(model_name)
     gen = torch.Generator().manual_seed(0)

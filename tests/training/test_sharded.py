@@ -87,6 +87,8 @@ CASES = [
     "lenet-adamw-float64",
     "resnet18-sgdm-float64",
     "resnet18-adamw-float64",
+    "mlp-groups-float64",
+    "mlp-frozen-float64",
     "mlp-sgdm-float32",
     "lenet-adamw-float32",
 ]
