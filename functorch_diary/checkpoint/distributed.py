@@ -51,12 +51,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
 from ..training.distributed import DistributedError
-from ..tree import PyTree, tree_flatten_with_paths, tree_leaves, tree_map, tree_unflatten_like
+from ..tree import PyTree, tree_flatten_with_paths, tree_map, tree_unflatten_like
 from .format import CheckpointError
 from .format import load as load_file
 from .format import save as save_file
@@ -97,9 +95,14 @@ def _collective(what: str, fn: Callable[[], Any]) -> Any:
         raise _failed(what, exc) from exc
 
 
-def _dcp(fn: Callable[..., Any], flat: dict[str, Tensor], checkpoint_id: str) -> Any:
+def _dcp(name: str, flat: dict[str, Tensor], checkpoint_id: str) -> Any:
     """``dcp.save`` / ``dcp.load`` over the process group, or in this process alone
     (without DCP's warning that it assumes so: here it is the documented use)."""
+    # Imported here: torch.distributed.checkpoint (and DTensor behind it) would add ~1 s
+    # to ``import functorch_diary`` for every user, sharded or not.
+    import torch.distributed.checkpoint as dcp
+
+    fn = getattr(dcp, name)
     if _active():
         return fn(flat, checkpoint_id=checkpoint_id)
     with warnings.catch_warnings():
@@ -168,7 +171,7 @@ def save(
     _barrier("checkpoint save (preparing the directory)")
     _collective(
         "checkpoint save",
-        lambda: _dcp(dcp.save, flat, partial),
+        lambda: _dcp("save", flat, partial),
     )
     _barrier("checkpoint save (waiting for every rank's shards)")
     if _rank() == 0:
@@ -299,7 +302,7 @@ def load(directory: str | os.PathLike[str], *, like: PyTree) -> PyTree:
             )
     # Fresh tensors placed like ``like`` (DCP loads in place; ``like`` stays untouched).
     fresh = {key: torch.empty_like(leaf) for key, leaf in target.items()}
-    _collective("checkpoint load", lambda: _dcp(dcp.load, fresh, version_dir))
+    _collective("checkpoint load", lambda: _dcp("load", fresh, version_dir))
     return tree_unflatten_like(like, [fresh[key] for key in target])
 
 
@@ -313,14 +316,11 @@ def to_single_file(directory: str | os.PathLike[str], path: str | os.PathLike[st
         key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         for key, meta in stored.items()
     }
-    _dcp(dcp.load, full, version_dir)
+    _dcp("load", full, version_dir)
     save_file(path, tree_map(lambda key: full[key], skeleton))
 
 
 def from_single_file(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> None:
     """Save the single-file checkpoint ``path`` as a distributed checkpoint ``directory``,
     loadable on any number of ranks with :func:`load`. One process, no group."""
-    tree = load_file(path)
-    if any(isinstance(leaf, DTensor) for leaf in tree_leaves(tree)):
-        raise CheckpointError(f"{os.fspath(path)!r} holds DTensors; expected plain tensors")
-    save(directory, tree)
+    save(directory, load_file(path))
