@@ -77,6 +77,40 @@ for name in sys.argv[1:]:
         except AssertionError as error:
             report["error"] = str(error)
     print(json.dumps(report), flush=True)
+
+# BatchNorm both ways on a conv net, with a user placement that splits a weight on dim 1:
+# synchronised statistics equal one process; per-shard ones equal the data-parallel step.
+from torch.distributed.tensor import Shard
+from functorch_diary import Model, optim
+from tests.helpers import SmallBNNet
+model, opt = Model(SmallBNNet), optim.sgd(0.1, momentum=0.9)
+whole = init_train_state(model, opt, seed=0, dtype=torch.float64)
+gen = torch.Generator().manual_seed(1)
+batches = [(torch.randn(8, 1, 8, 8, generator=gen, dtype=torch.float64), torch.arange(8) % 10)
+           for _ in range(3)]
+placements = {"head.weight": Shard(1), "features.1.*": Shard(0)}
+for name, sync, ref_step in [
+    ("bn-synchronised", True, make_train_step(model, nn.functional.cross_entropy, opt)),
+    ("bn-per-shard", False,
+     distributed.make_data_parallel_train_step(model, nn.functional.cross_entropy, opt)),
+]:
+    ts = sharded.shard_train_state(whole, mesh, placements, min_numel=1)
+    step = sharded.make_sharded_train_step(
+        model, nn.functional.cross_entropy, opt, sync_batch_norm=sync)
+    ref = whole
+    for batch in batches:
+        local = distributed.shard(batch, world.rank, world.world_size)
+        ts, _ = step(ts, local)
+        ref, _ = ref_step(ref, batch if sync else local)
+    gathered = sharded.gather_train_state(ts)
+    report = {"case": name, "rank": world.rank,
+              "placements": {k: str(v.placements[0]) for k, v in ts.params.items()}}
+    try:
+        assert_close_to_scale(gathered[:3], ref[:3], 1e-12)
+        report["error"] = None
+    except AssertionError as error:
+        report["error"] = str(error)
+    print(json.dumps(report), flush=True)
 torch.distributed.destroy_process_group()
 """
 
@@ -262,3 +296,13 @@ def test_empty_train_state_is_placed_like_a_sharded_one(one_rank_group):
         for path, x in fd.tree.tree_flatten_with_paths(tree)
     ]
     assert describe(empty) == describe(full)
+
+
+@pytest.mark.parametrize("name", ["bn-synchronised", "bn-per-shard"])
+def test_batch_norm_policies_and_a_dim_1_placement(two_ranks, name):
+    for rank in (0, 1):
+        report = two_ranks[name, rank]
+        assert report["placements"]["head.weight"] == "S(1)"
+        assert report["placements"]["features.1.weight"] == "S(0)"
+        # synchronised: the single process on the whole batch; per shard: data parallel
+        assert report["error"] is None, report["error"]
