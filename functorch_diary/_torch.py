@@ -7,9 +7,12 @@ named test instead of silently taking the slow path.
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-__all__ = ["functorch_transform_active"]
+import torch
+from torch import Tensor
+
+__all__ = ["functorch_transform_active", "optional", "weight_norm"]
 
 
 def functorch_transform_active() -> bool | None:
@@ -23,3 +26,18 @@ def functorch_transform_active() -> bool | None:
     if peek is None:
         return None
     return peek() is not None
+
+
+def optional(owner: Any, name: str) -> Any:
+    """``owner.name``, or ``None`` when this torch release has no such private symbol."""
+    return getattr(owner, name, None)
+
+
+def weight_norm(v: Tensor, g: Tensor, dim: int, *, private: bool = True) -> Tensor:
+    """``g * v / ||v||`` (the norm over every dim but ``dim``), as torch's weight_norm
+    parametrization computes it: through its private kernel ``torch._weight_norm`` (bit
+    for bit), or with public ops when it is gone or ``private=False``."""
+    kernel = optional(torch, "_weight_norm") if private else None
+    if kernel is not None:
+        return kernel(v, g, dim)
+    return v * (g / torch.norm_except_dim(v, 2, dim))

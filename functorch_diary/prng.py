@@ -25,10 +25,12 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["bits", "fold_in", "key", "uniform"]
+__all__ = ["bits", "fold_in", "key", "normal", "uniform"]
 
 _MASK32 = 0xFFFFFFFF
 _MUL1 = 0x7FEB352D  # both multipliers are below 2**31: a 32-bit value times one fits in int64
@@ -72,3 +74,24 @@ def uniform(
     """Numbers in [0, 1) on the key's device, a pure function of ``key`` and ``shape``."""
     # 24 random bits are exact in every float dtype we use and give an unbiased grid.
     return (bits(key, shape) >> 8).to(dtype) * (1.0 / (1 << 24))
+
+
+def normal(
+    key: Tensor, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Standard normal numbers, a pure function of ``key`` and ``shape`` (Box-Muller over
+    two :func:`uniform` streams of the key).
+
+    The uniforms have 24 random bits, so ``|x|`` never exceeds ``sqrt(2 ln 2**24)``, about
+    5.8: the tails beyond are cut (a draw that far out has probability below 1e-8).
+
+    Example:
+        >>> import torch
+        >>> x = normal(key(0), (100_000,), torch.float64)
+        >>> abs(float(x.mean())) < 0.01, abs(float(x.std()) - 1) < 0.01
+        (True, True)
+    """
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    u = uniform(key, (2, *shape), work)
+    radius = torch.sqrt(-2.0 * torch.log1p(-u[0]))  # 1 - u is in (0, 1]: the log is finite
+    return (radius * torch.cos((2 * math.pi) * u[1])).to(dtype)

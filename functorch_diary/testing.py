@@ -8,6 +8,10 @@ Example:
     Traceback (most recent call last):
     ...
     AssertionError: leaf 'w': max abs diff 1 (max rel diff 1) exceeds atol=0 + rtol=0 * |expected|
+    >>> assert_trees_close({"w": torch.tensor([-0.0])}, {"w": torch.tensor([0.0])})
+    Traceback (most recent call last):
+    ...
+    AssertionError: leaf 'w': signs differ (a -0.0 where +0.0 is expected?)
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ def assert_trees_close(
     """Assert two pytrees have the same paths, shapes, dtypes and devices, and close values.
 
     ``|actual - expected| <= atol + rtol * |expected|`` everywhere (NaNs must match).
-    The defaults (0, 0) demand bit-for-bit equality. Non-tensor leaves must be equal.
+    The defaults (0, 0) demand bit-for-bit equality, signed zeros included (``-0.0`` is
+    not ``+0.0``). Non-tensor leaves must be equal.
 
     Raises:
         AssertionError: naming the first leaf path that differs and by how much.
@@ -55,6 +60,8 @@ def assert_trees_close(
         a64, b64 = a.detach().cpu().double(), b.detach().cpu().double()
         if not torch.equal(a64.isnan(), b64.isnan()):
             raise AssertionError(f"leaf {path!r}: NaNs in different places")
+        if atol == 0 and rtol == 0 and not torch.equal(a64.signbit(), b64.signbit()):
+            raise AssertionError(f"leaf {path!r}: signs differ (a -0.0 where +0.0 is expected?)")
         # Equal entries (infinities included) differ by 0; NaN positions were checked above.
         diff = torch.where((a64 == b64) | a64.isnan(), 0.0, (a64 - b64).abs())
         bound = atol + rtol * b64.abs()

@@ -14,8 +14,17 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("**/*.md"))]
 
 
-def test_docs_exist():
-    assert PAGES, f"no markdown pages under {DOCS}"
+LINK = re.compile(r"\]\(([\w./-]+\.md)(?:#[\w-]*)?\)")
+
+
+def test_every_page_is_linked_from_the_index_and_every_link_resolves():
+    index = (DOCS / "index.md").read_text(encoding="utf-8")
+    linked = {(DOCS / target).resolve() for target in LINK.findall(index)}
+    pages = {page.resolve() for page in DOCS.glob("*.md")} - {(DOCS / "index.md").resolve()}
+    assert pages <= linked, f"pages not linked from docs/index.md: {sorted(pages - linked)}"
+    for page in PAGES:
+        for target in LINK.findall(page.read_text(encoding="utf-8")):
+            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -120,3 +120,26 @@ def test_any_input_gives_values_out_and_stays_untouched(params, compiled, name):
         ts, metrics = step(ts, (torch.randn(4, 3), torch.randn(4, 3)))
     assert not _autograd_leaves((ts, metrics))
     assert_trees_close({k: v.detach() for k, v in params.items()}, before, rtol=0, atol=0)
+
+
+def test_gan_and_ensemble_steps_return_values_from_parameter_leaves():
+    from functorch_diary.training import ensemble, gan
+
+    g = Model(lambda: nn.Sequential(nn.Linear(2, 3)))
+    d = Model(lambda: nn.Sequential(nn.Linear(3, 1)))
+    gs = gan.init_gan_state(g, d, optim.adam(1e-3), optim.adam(1e-3))
+    as_parameters = lambda ts: ts._replace(  # noqa: E731
+        params={k: nn.Parameter(v.clone()) for k, v in ts.params.items()}
+    )
+    gs = gan.GANState(as_parameters(gs.generator), as_parameters(gs.critic))
+    critic = gan.make_critic_step(g, d, gan.wasserstein_critic_loss, optim.adam(1e-3))
+    generator = gan.make_generator_step(g, d, gan.wasserstein_generator_loss, optim.adam(1e-3))
+    gs, m1 = critic(gs, torch.randn(4, 3), torch.randn(4, 2))
+    gs, m2 = generator(gs, torch.randn(4, 2))
+    assert not _autograd_leaves((gs, m1, m2))
+    model = Model(lambda: nn.Linear(3, 2))
+    members = ensemble.init_ensemble(model, optim.sgd(0.1), seeds=[0, 1])
+    members = as_parameters(members)
+    step = ensemble.make_ensemble_train_step(model, F.mse_loss, optim.sgd(0.1))
+    members, metrics = step(members, (torch.randn(4, 3), torch.randn(4, 2)))
+    assert not _autograd_leaves((members, metrics))

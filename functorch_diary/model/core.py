@@ -315,6 +315,8 @@ def _converted(module: nn.Module, convert: Callable[[nn.Module], nn.Module]) -> 
         source_owner, _, source_leaf = source.rpartition(".")
         shared = getattr(converted.get_submodule(source_owner), source_leaf)
         sub = converted.get_submodule(owner)
-        registry = sub._parameters if leaf in sub._parameters else sub._buffers
-        registry[leaf] = shared
+        if isinstance(shared, nn.Parameter):
+            sub.register_parameter(leaf, shared)
+        else:
+            sub.register_buffer(leaf, shared)
     return converted

@@ -12,7 +12,7 @@ That silently skips what does not fit and crashes on a shape mismatch. Here
 the ones a :func:`~functorch_diary.tree.select` selector picks), returns new
 ``(params, state)`` and says by name what was missing, unexpected or mismatched.
 
-Files are read with ``torch.load(weights_only=True)`` (no code runs while loading) onto
+Files are read with ``checkpoint.load_torch_file`` (no code runs while loading) onto
 the CPU first, then moved to where the params live: a checkpoint saved on ``cuda:3``
 loads on a machine with one GPU or none (seed 004 section 9). Nothing is downloaded.
 
@@ -40,6 +40,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..checkpoint.format import CheckpointError
+from ..checkpoint.torch_files import load_torch_file
 from ..tree import Params, Selector, select
 from .checks import TreeMismatchError
 from .core import Model, State
@@ -92,7 +94,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
 
     Raises:
         FileNotFoundError: the file does not exist (nothing is ever downloaded).
-        ValueError: the file does not hold a dict of tensors.
+        CheckpointError: the file is not a ``torch.save`` file of a dict of tensors (garbage,
+            truncated, or asking to run code); the message names it.
     """
     file = Path(path)
     if not file.is_file():
@@ -101,14 +104,14 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
             "them first, e.g. torch.save(torchvision.models.resnet18(weights=...).state_dict(), "
             "path), on a machine with network access"
         )
-    loaded = torch.load(file, map_location="cpu", weights_only=True)
+    loaded = load_torch_file(file)
     if isinstance(loaded, Mapping):
         for wrapper in ("model", "state_dict"):
             if isinstance(loaded.get(wrapper), Mapping):
                 loaded = loaded[wrapper]
                 break
     if not isinstance(loaded, Mapping) or not all(isinstance(v, Tensor) for v in loaded.values()):
-        raise ValueError(f"{str(file)!r} does not hold a state_dict (a dict of tensors)")
+        raise CheckpointError(f"{str(file)!r} does not hold a state_dict (a dict of tensors)")
     return dict(loaded)
 
 

@@ -45,6 +45,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from .. import prng
+from .._torch import optional
 
 __all__ = ["KEYED_FUNCTIONS", "KeyedRandomness", "MissingRngError", "UnkeyedRandomnessError"]
 
@@ -102,10 +103,9 @@ def _uniform(mode: KeyedRandomness, what: str, shape: Sequence[int], like: Tenso
 def _standard_normal(
     mode: KeyedRandomness, what: str, shape: Sequence[int], like: Tensor
 ) -> Tensor:
-    # Box-Muller; 1 - u lies in (0, 1], so the log is finite.
-    u1 = _uniform(mode, what, shape, like)
-    u2 = _uniform(mode, what, shape, like)
-    return torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos((2.0 * math.pi) * u2)
+    """N(0, 1) of ``shape`` with ``like``'s floating dtype (float32 for others) and device."""
+    dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+    return prng.normal(mode.next_key(what).to(like.device), tuple(shape), dtype)
 
 
 def _bits63(mode: KeyedRandomness, what: str, shape: Sequence[int], device: torch.device) -> Tensor:
@@ -619,6 +619,8 @@ KEYED_FUNCTIONS: dict[Callable, Callable[..., Any]] = {
     F.multi_head_attention_forward: _mha,
     torch.poisson: _unkeyed("torch.poisson", _REFUSE_SAMPLING),
     torch.binomial: _unkeyed("torch.binomial", _REFUSE_SAMPLING),
-    torch._standard_gamma: _unkeyed("gamma sampling (torch.distributions)", _REFUSE_SAMPLING),
-    torch._sample_dirichlet: _unkeyed("Dirichlet sampling", _REFUSE_SAMPLING),
 }
+# torch.distributions samples Gamma and Dirichlet through private kernels.
+for _name, _what in (("_standard_gamma", "gamma sampling"), ("_sample_dirichlet", "Dirichlet")):
+    if (_kernel := optional(torch, _name)) is not None:
+        KEYED_FUNCTIONS[_kernel] = _unkeyed(f"{_what} (torch.distributions)", _REFUSE_SAMPLING)

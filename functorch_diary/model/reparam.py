@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
+from .. import _torch
 from ..tree import Params, Selector, select
 from .checks import LeafSpec, check_leaves
 from .core import Model, State, seeded_cpu, tied_aliases
@@ -253,7 +254,7 @@ class _WeightNormRule:
         return {}
 
     def __call__(self, tensors: dict[str, Tensor], train: bool) -> tuple[Tensor, dict[str, Tensor]]:
-        return torch._weight_norm(tensors["original1"], tensors["original0"], self.dim), {}
+        return _torch.weight_norm(tensors["original1"], tensors["original0"], self.dim), {}
 
 
 class _WeightStdRule:

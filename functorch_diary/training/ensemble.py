@@ -33,6 +33,7 @@ from .step import (
     loss_objective,
     step_key,
     value_and_grad,
+    values_out,
 )
 
 __all__ = ["ensemble_apply", "init_ensemble", "make_ensemble_train_step", "stack", "unstack"]
@@ -134,7 +135,7 @@ def make_ensemble_train_step(
         grads, (loss, (new_state, metrics)) = grads_of(
             ts.params, ts.state, inputs, targets, step_key(ts)
         )
-        return apply_step(ts, grads, new_state, optimizer), {"loss": loss, **metrics}
+        return apply_step(ts, grads, new_state, optimizer), values_out({"loss": loss, **metrics})
 
     return step
 

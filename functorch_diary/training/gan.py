@@ -55,7 +55,14 @@ from ..optim.base import GradientTransformation
 from ..tree import Params
 from .compile import with_compile_policy
 from .projections import Projection
-from .step import TrainState, apply_step, init_train_state, step_key, value_and_grad
+from .step import (
+    TrainState,
+    apply_step,
+    init_train_state,
+    step_key,
+    value_and_grad,
+    values_out,
+)
 
 __all__ = [
     "GANState",
@@ -269,7 +276,7 @@ def make_critic_step(
         d = apply_step(d, grads, d_state, optimizer)
         if projection is not None:
             d = d._replace(params=projection(d.params))
-        return GANState(g._replace(state=g_state), d), {"critic_loss": loss, **metrics}
+        return GANState(g._replace(state=g_state), d), values_out({"critic_loss": loss, **metrics})
 
     return with_compile_policy(step, compile, compile_mode, compile_backend)
 
@@ -316,7 +323,7 @@ def make_generator_step(
 
         grads, (loss, (g_state, d_state)) = value_and_grad(objective, g.params)
         g = apply_step(g, grads, g_state, optimizer)
-        return GANState(g, d._replace(state=d_state)), {"generator_loss": loss}
+        return GANState(g, d._replace(state=d_state)), values_out({"generator_loss": loss})
 
     return with_compile_policy(step, compile, compile_mode, compile_backend)
 

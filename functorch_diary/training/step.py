@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,8 +45,11 @@ from .compile import COMPILE_MODES, to_channels_last, with_compile_policy
 
 __all__ = [
     "COMPILE_MODES",
+    "LOSS_FORMS",
     "LossFn",
+    "LossSees",
     "Metrics",
+    "ModelInputs",
     "TrainState",
     "apply_step",
     "build_step",
@@ -61,6 +64,9 @@ __all__ = [
 
 #: ``loss_fn(outputs, targets) -> scalar``, e.g. ``torch.nn.functional.cross_entropy``.
 LossFn = Callable[[Any, Any], Tensor]
+#: What a loss function receives (``make_train_step(..., loss_sees=...)``).
+LossSees = Literal["outputs, targets", "params, outputs, batch"]
+LOSS_FORMS = ("outputs, targets", "params, outputs, batch")
 Batch = tuple[Any, Any]
 Metrics = dict[str, Tensor]
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
@@ -196,18 +202,39 @@ def value_and_grad(
 
 
 def loss_objective(
-    model: Model, loss_fn: LossFn, autocast_dtype: torch.dtype | None = None
+    model: Model,
+    loss_fn: Callable[..., Any],
+    autocast_dtype: torch.dtype | None = None,
+    *,
+    loss_sees: LossSees = "outputs, targets",
+    has_aux: bool = False,
 ) -> Callable[[Params, State, Any, Any, Tensor | None], tuple[Tensor, tuple[State, Metrics]]]:
     """``objective(params, state, inputs, targets, key) -> (loss, (new_state, metrics))``:
-    the model in training mode (random draws from ``key``) and ``loss_fn`` on its outputs."""
+    the model in training mode on ``inputs`` (random draws from ``key``), then the loss.
+
+    Args:
+        loss_sees: ``"outputs, targets"``: ``loss_fn(outputs, targets)``;
+            ``"params, outputs, batch"``: ``loss_fn(params, outputs, targets)`` where
+            ``targets`` is the whole batch (a regulariser on the params, any batch pytree).
+        has_aux: ``loss_fn`` returns ``(loss, metrics)``, a dict of extra metrics.
+    """
+    if loss_sees not in LOSS_FORMS:
+        raise ValueError(f"loss_sees must be one of {LOSS_FORMS}, got {loss_sees!r}")
+    sees_params = loss_sees == "params, outputs, batch"
 
     def objective(params: Params, state: State, inputs: Any, targets: Any, key: Tensor | None):
+        args = inputs if isinstance(inputs, ModelInputs) else (inputs,)
         with _autocast(params, autocast_dtype):
-            outputs, new_state = model.apply(params, state, inputs, train=True, rng=key)
-            loss = loss_fn(outputs, targets)
-        return loss, (new_state, {})
+            outputs, new_state = model.apply(params, state, *args, train=True, rng=key)
+            result = loss_fn(params, outputs, targets) if sees_params else loss_fn(outputs, targets)
+        loss, metrics = result if has_aux else (result, {})
+        return loss, (new_state, dict(metrics))
 
     return objective
+
+
+class ModelInputs(tuple):
+    """Several positional inputs of the model, as ``model_inputs(batch)`` returns them."""
 
 
 def step_key(ts: TrainState) -> Tensor:
@@ -227,6 +254,22 @@ def apply_step(
     return values_out(TrainState(params, new_state, opt_state, ts.step + 1, ts.rng))
 
 
+def _batch_splitter(
+    loss_sees: LossSees, model_inputs: Callable[[Any], Any] | None
+) -> Callable[[Any], tuple[Any, Any]]:
+    """``batch -> (model inputs, what the loss gets besides the outputs)``."""
+    if model_inputs is None and loss_sees == "outputs, targets":
+        return lambda batch: (batch[0], batch[1])
+    pick = model_inputs or (lambda batch: batch[0])
+
+    def split(batch: Any) -> tuple[Any, Any]:
+        inputs = pick(batch)
+        inputs = ModelInputs(inputs) if isinstance(inputs, tuple) else inputs
+        return inputs, batch if loss_sees == "params, outputs, batch" else batch[1]
+
+    return split
+
+
 def build_step(
     model: Model,
     loss_fn: LossFn,
@@ -236,6 +279,9 @@ def build_step(
     channels_last: bool = False,
     key_of: Callable[[TrainState], Tensor] = step_key,
     reduce: Callable[[Params, Tensor, State], tuple[Params, Tensor, State]] | None = None,
+    loss_sees: LossSees = "outputs, targets",
+    has_aux: bool = False,
+    model_inputs: Callable[[Any], Any] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The step body, uncompiled: forward and loss (:func:`loss_objective`), gradients
     (:func:`value_and_grad`), then :func:`apply_step`.
@@ -247,11 +293,15 @@ def build_step(
             their rank in).
         reduce: ``(grads, loss, new_state) -> (grads, loss, new_state)`` between the
             backward pass and the update: the data-parallel step averages over ranks here.
+        loss_sees, has_aux, model_inputs: as for :func:`make_train_step`.
     """
-    objective = loss_objective(model, loss_fn, autocast_dtype)
+    objective = loss_objective(
+        model, loss_fn, autocast_dtype, loss_sees=loss_sees, has_aux=has_aux
+    )
+    split = _batch_splitter(loss_sees, model_inputs)
 
     def step(ts: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        inputs, targets = batch
+        inputs, targets = split(batch)
         if channels_last:
             inputs = to_channels_last(inputs)
         grads, (loss, (new_state, metrics)) = value_and_grad(
@@ -270,7 +320,7 @@ def build_step(
             # Pin the layout of what comes out, so the next call sees the strides this
             # graph was specialised to (a gradient may come back in NCHW order).
             new_ts = to_channels_last(new_ts)
-        return new_ts, {"loss": loss, **metrics}
+        return new_ts, values_out({"loss": loss, **metrics})
 
     return step
 
@@ -285,6 +335,9 @@ def make_train_step(
     compile_backend: str | Callable = "inductor",
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    loss_sees: LossSees = "outputs, targets",
+    has_aux: bool = False,
+    model_inputs: Callable[[Any], Any] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
     """Build ``step(train_state, (inputs, targets)) -> (train_state, {"loss": ...})``.
 
@@ -310,6 +363,16 @@ def make_train_step(
             stay in the params' dtype.
         channels_last: keep 4-D inputs, weights and optimiser buffers in NHWC memory
             order (faster convolutions on recent GPUs and oneDNN CPUs).
+        loss_sees: ``"outputs, targets"`` (the default): ``loss_fn(outputs, batch[1])``;
+            ``"params, outputs, batch"``: ``loss_fn(params, outputs, batch)``, for a
+            regulariser on the params or a batch of any structure.
+        has_aux: ``loss_fn`` returns ``(loss, metrics)``; the metrics (a dict of tensors)
+            come back next to ``"loss"``.
+        model_inputs: ``batch -> input`` (or a tuple of positional inputs) of the model;
+            the default is ``batch[0]``.
+
+    The optimiser is the one ``init_train_state`` was given: a state of another
+    optimiser is refused by its ``update`` with an error naming both.
 
     Raises:
         ValueError: an unknown ``compile_mode`` or ``autocast_dtype``.
@@ -327,10 +390,31 @@ def make_train_step(
         >>> ts.params["0.weight"].dtype, ts.params["0.weight"].is_contiguous(
         ...     memory_format=torch.channels_last)
         (torch.float32, True)
+
+        A loss that sees the params, a dict batch and extra metrics:
+
+        >>> def loss(params, out, batch):
+        ...     fit = nn.functional.mse_loss(out, batch["y"])
+        ...     l2 = sum(p.square().sum() for p in params.values())
+        ...     return fit + 1e-4 * l2, {"fit": fit}
+        >>> linear = Model(lambda: nn.Linear(3, 1))
+        >>> step = make_train_step(linear, loss, optim.sgd(0.1), loss_sees="params, outputs, batch",
+        ...                        has_aux=True, model_inputs=lambda batch: batch["x"])
+        >>> ts, metrics = step(init_train_state(linear, optim.sgd(0.1)),
+        ...                    {"x": torch.ones(4, 3), "y": torch.zeros(4, 1)})
+        >>> sorted(metrics)
+        ['fit', 'loss']
     """
     _check_options(compile_mode, autocast_dtype)
     step = build_step(
-        model, loss_fn, optimizer, autocast_dtype=autocast_dtype, channels_last=channels_last
+        model,
+        loss_fn,
+        optimizer,
+        autocast_dtype=autocast_dtype,
+        channels_last=channels_last,
+        loss_sees=loss_sees,
+        has_aux=has_aux,
+        model_inputs=model_inputs,
     )
     return with_compile_policy(step, compile, compile_mode, compile_backend, channels_last)
 

@@ -28,8 +28,7 @@ Example:
 
 from __future__ import annotations
 
-import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -38,6 +37,8 @@ from torch.func import grad_and_value
 from torchvision.models.vgg import cfgs, make_layers
 
 from .. import optim
+from ..checkpoint.format import CheckpointError
+from ..checkpoint.torch_files import load_torch_file
 from ..model import features
 from ..model.core import Model, State
 from ..tree import Params
@@ -118,21 +119,23 @@ def load_vgg19_features(
 ) -> tuple[Model, Params, State]:
     """VGG19 features up to relu5_3 with weights from a torchvision ``vgg19`` file.
 
-    The file is read with ``torch.load(weights_only=True)`` (no code runs) and, when it
+    The file is read with ``checkpoint.load_torch_file`` (no code runs) and, when it
     is in torch's zip format, memory-mapped, so only the ``features.*`` tensors are ever
     read; classifier keys are ignored. A file holding only ``features.*`` keys works too.
 
     Raises:
         FileNotFoundError: ``path`` does not exist (the message says how to get it).
+        CheckpointError: the file is not a ``torch.save`` file of a dict of tensors
+            (garbage, truncated, or asking to run code); the message names it.
         TreeMismatchError: a needed key is missing or has the wrong shape.
     """
     path = Path(path)
     if not path.is_file():
         raise _missing_weights(path)
-    # Memory-mapping reads only the tensors we touch; files in torch's legacy (pre-1.6,
-    # non-zip) format cannot be mapped and are read whole.
-    mmap = zipfile.is_zipfile(path)
-    state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    # Memory-mapping reads only the tensors we touch.
+    state_dict = load_torch_file(path, mmap=True)
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"{str(path)!r} does not hold a state_dict (a dict of tensors)")
     model = vgg19_features()
     wanted = set(model.param_specs) | set(model.state_specs)
     params, state = model.from_state_dict({k: v for k, v in state_dict.items() if k in wanted})

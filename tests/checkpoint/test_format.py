@@ -1,5 +1,6 @@
-"""Checkpoints: round trips, bit-for-bit resume in a new process, crash safety, refusal of
-malicious and damaged files, cross-device loading, and torch.optim state interop."""
+"""The checkpoint format: round trips, bit-for-bit resume in a new process, crash safety,
+refusal of malicious, damaged and forged files, cross-device loading, temporary files
+and permissions."""
 
 from __future__ import annotations
 
@@ -261,11 +262,13 @@ def test_sigkill_while_saving_never_leaves_an_unreadable_checkpoint(tmp_path):
         tree = checkpoint.load(path)
         assert tree["step"] in (1, 2)
         assert torch.equal(tree["w"], trees[tree["step"] - 1]["w"])
+        # Each save removes what the previous kills left, so at most this kill's is here.
         temporaries = list(tmp_path.glob(".latest.ckpt.*.tmp"))
+        assert len(temporaries) <= 1, temporaries
         kills_mid_write += bool(temporaries)
-        for leftover in temporaries:
-            leftover.unlink()
     assert kills_mid_write > 0, "no kill landed during a write: the test proved nothing"
+    checkpoint.save(path, trees[0])  # the next save leaves nothing behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.ckpt"]
 
 
 _JOB = '''
@@ -336,105 +339,73 @@ def test_resume_in_a_new_process_is_bit_for_bit(tmp_path):
     _assert_same(resumed, uninterrupted)
 
 
-# ---------------------------------------------------------------------------------------
-# torch.optim interop (seed 000 item 12): continue a run in the other world.
+def _dead_pid() -> int:
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    return int(child.stdout)
 
 
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+def test_a_save_removes_stale_temporaries_of_killed_saves_and_nothing_else(tmp_path):
+    """Only files named like save()'s temporaries whose writer is gone (or that are over
+    an hour old) go; a save in progress elsewhere, other files and symlinks stay."""
+    dead, alive = _dead_pid(), os.getpid()
+    stale = [f".run.ckpt.{dead}.0123abcd.tmp", f".other.ckpt.{dead}.fedcba98.tmp"]
+    old = f".run.ckpt.{alive}.00000000.tmp"
+    kept = [
+        f".run.ckpt.{alive}.89abcdef.tmp",  # a save in progress (this process's pid)
+        f".run.ckpt.{dead}.0123abcd.tmp.bak",  # not the pattern
+        "run.ckpt.tmp",
+        f".run.ckpt.{dead}.xyz.tmp",
+        "notes.txt",
+    ]
+    for name in [*stale, old, *kept]:
+        (tmp_path / name).write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    os.utime(tmp_path / old, (two_hours_ago, two_hours_ago))
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("not ours")
+    link = f".link.ckpt.{dead}.11111111.tmp"
+    (tmp_path / link).symlink_to(target)
+    checkpoint.save(tmp_path / "run.ckpt", {"w": torch.ones(1)})
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([*kept, link, "elsewhere.txt", "run.ckpt"])
+    assert target.read_text() == "not ours"
 
 
-_X = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-_Y = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-
-OPTIMIZERS = {
-    "sgd": (
-        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
-        lambda: optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
-    ),
-    "adam": (
-        lambda p: torch.optim.Adam(p, lr=0.05, betas=(0.8, 0.99), weight_decay=1e-2),
-        lambda: optim.adam(0.05, betas=(0.8, 0.99), weight_decay=1e-2),
-    ),
-    "adamw_amsgrad": (
-        lambda p: torch.optim.AdamW(p, lr=0.05, amsgrad=True),
-        lambda: optim.adamw(0.05, amsgrad=True),
-    ),
-    "rmsprop": (
-        lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5, centered=True),
-        lambda: optim.rmsprop(0.01, momentum=0.5, centered=True),
-    ),
-    "adagrad": (
-        lambda p: torch.optim.Adagrad(p, lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1),
-        lambda: optim.adagrad(0.1, lr_decay=0.01, initial_accumulator_value=0.1),
-    ),
-}
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_file_permissions_follow_the_umask_like_torch_save(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        checkpoint.save(tmp_path / "ours.ckpt", {"w": torch.ones(1)})
+        torch.save({"w": torch.ones(1)}, tmp_path / "torch.pth")
+    finally:
+        os.umask(previous)
+    ours = (tmp_path / "ours.ckpt").stat().st_mode & 0o777
+    theirs = (tmp_path / "torch.pth").stat().st_mode & 0o777
+    assert ours == theirs == 0o666 & ~umask
 
 
-def _torch_steps(net, topt, n):
-    for _ in range(n):
-        topt.zero_grad()
-        nn.functional.mse_loss(net(_X), _Y).backward()
-        topt.step()
+def test_loaded_leaves_never_share_memory(tmp_path):
+    base = torch.arange(8.0)
+    checkpoint.save(tmp_path / "s.ckpt", {"a": base, "again": base, "view": base[2:5]})
+    back = checkpoint.load(tmp_path / "s.ckpt")
+    back["a"].add_(100)
+    assert back["again"].tolist() == base.tolist() and back["view"].tolist() == [2.0, 3.0, 4.0]
+    storages = {t.untyped_storage().data_ptr() for t in back.values()}
+    assert len(storages) == 3
 
 
-def _our_steps(model, opt, ts, n):
-    step = fd.make_train_step(model, nn.functional.mse_loss, opt)
-    for _ in range(n):
-        ts, _ = step(ts, (_X, _Y))
-    return ts
-
-
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_torch_optim_state_imports_and_training_continues(name):
-    make_torch, make_ours = OPTIMIZERS[name]
-    net = _net()
-    topt = make_torch(net.parameters())
-    _torch_steps(net, topt, 3)
-    model, params, state = fd.Model.from_module(net)
-    opt = make_ours()
-    sd = topt.state_dict()
-    opt_state = checkpoint.import_optimizer_state(sd, opt.init(params), params)
-    ts = fd.TrainState(params, state, opt_state, torch.tensor(3), fd.prng.key(0))
-    ts = _our_steps(model, opt, ts, 3)
-    _torch_steps(net, topt, 3)
-    fd.assert_trees_close(ts.params, dict(net.named_parameters()), rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_our_optimizer_state_exports_to_torch_optim(name):
-    make_torch, make_ours = OPTIMIZERS[name]
-    net = _net()
-    model, params, state = fd.Model.from_module(net)
-    opt = make_ours()
-    ts = _our_steps(model, opt, fd.init_train_state(model, opt, params=params, state=state), 3)
-    net.load_state_dict(model.state_dict(ts.params, ts.state))
-    topt = make_torch(net.parameters())
-    exported = checkpoint.export_optimizer_state(
-        ts.opt_state, ts.params, topt.state_dict()["param_groups"]
-    )
-    topt.load_state_dict(exported)
-    _torch_steps(net, topt, 3)
-    ts = _our_steps(model, opt, ts, 3)
-    fd.assert_trees_close(ts.params, dict(net.named_parameters()), rtol=1e-10, atol=1e-12)
-    # and back: the round trip through torch's format loses nothing
-    again = checkpoint.import_optimizer_state(topt.state_dict(), opt.init(params), params, step=6)
-    fd.assert_trees_close(again, ts.opt_state, rtol=1e-10, atol=1e-12)
-
-
-def test_optimizer_state_mismatch_is_clear():
-    net = _net()
-    topt = torch.optim.Adam(net.parameters())
-    _torch_steps(net, topt, 1)
-    _, params, _ = fd.Model.from_module(net)
-    params["0.weight"] = torch.zeros(3, 3, dtype=torch.float64)
-    with pytest.raises(
-        CheckpointError,
-        match=r"\[0\]\['exp_avg'\] \(param '0\.weight'\): expected shape \(3, 3\), got \(5, 4\)",
-    ):
-        checkpoint.import_optimizer_state(topt.state_dict(), optim.adam().init(params), params)
-    with pytest.raises(CheckpointError, match=r"no torch\.optim equivalent"):
-        checkpoint.export_optimizer_state(
-            apply_if_finite(optim.adam()).init(params), params, topt.state_dict()["param_groups"]
-        )
+def test_save_refuses_what_the_reader_would_refuse(tmp_path):
+    path = tmp_path / "x.ckpt"
+    with pytest.raises(CheckpointError, match=r"at big: an int of more than 40 digits"):
+        checkpoint.save(path, {"big": 10**40})
+    with pytest.raises(CheckpointError, match=r"an integer of 41 digits"):
+        checkpoint.save(path, {"w": torch.ones(1)}, metadata={"seed": 10**40})
+    deep: list = []
+    for _ in range(checkpoint.format.MAX_TREE_DEPTH + 1):
+        deep = [deep]
+    with pytest.raises(CheckpointError, match=r"nests deeper than 64"):
+        checkpoint.save(path, deep)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+    checkpoint.save(path, {"seed": 2**64 - 1, "neg": -(10**39)})  # 128-bit values fit
+    assert checkpoint.load(path) == {"seed": 2**64 - 1, "neg": -(10**39)}

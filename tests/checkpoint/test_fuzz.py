@@ -7,7 +7,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
+import os
 import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -22,6 +28,7 @@ from functorch_diary.checkpoint.format import CheckpointError
 from functorch_diary.model.checks import TreeMismatchError
 from functorch_diary.tree import tree_clone
 
+REPO = Path(__file__).resolve().parents[2]
 SETTINGS = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -235,3 +242,204 @@ def test_load_like_a_malformed_template_names_the_path(tmp_path, data):
         message
     )
     _same(like, before)
+
+
+# ---------------------------------------------------------------------------------------
+# Structure-aware forgeries (issue 15): a forger writes any header with a matching digest.
+# Each attack below is refused as a CheckpointError naming the file, quickly.
+
+
+def _split(raw: bytes) -> tuple[dict, bytes]:
+    size = struct.unpack_from("<Q", raw, 8)[0]
+    return json.loads(raw[16 : 16 + size]), raw[16 + size : -32]
+
+
+def _forge(path, header_text: str, data: bytes) -> None:
+    text = header_text.encode()
+    body = b"FDCKPT\x00\x01" + struct.pack("<Q", len(text)) + text + data
+    path.write_bytes(body + hashlib.sha256(body).digest())
+
+
+def _base_file(tmp_path) -> bytes:
+    """Four float32 tensors of 16 elements (64 bytes each, contiguous) and metadata."""
+    tree = {"a": torch.ones(16), "b": [torch.zeros(16), torch.full((4, 4), 2.0)], "n": 3}
+    path = tmp_path / "base4.ckpt"
+    checkpoint.save(path, {**tree, "c": torch.arange(16.0)}, metadata={"epoch": 1})
+    return path.read_bytes()
+
+
+def _tensor_nodes(node):
+    if node.get("t") == "tensor":
+        yield node
+    for child in node.get("c", []):
+        yield from _tensor_nodes(child)
+
+
+WRONG_VALUES = [None, True, 1.5, "text", [1], {"k": 1}, 7]
+ATTACKS = ["alias", "overlap", "reuse", "unused", "depth", "huge_int", "overflowing_shape",
+           "bad_shape_entry", "field_type", "missing_or_extra_field", "out_of_bounds"]  # fmt: skip
+
+
+def _attack(kind: str, header: dict, data) -> str:
+    """Apply attack ``kind`` to ``header`` and return the new header's JSON text."""
+    leaves = header["leaves"]
+    nodes = list(_tensor_nodes(header["tree"]))
+    j, k = data.draw(st.lists(st.integers(0, len(leaves) - 1), min_size=2, max_size=2, unique=True))
+    if kind == "alias":  # k describes exactly j's bytes (the issue's 1 MiB x 1024 bomb)
+        leaves[k] = dict(leaves[j])
+    elif kind == "overlap":
+        leaves[k]["offset"] = leaves[j]["offset"] + data.draw(st.integers(0, 63))
+    elif kind == "reuse":  # one tensor entry reached twice from the tree
+        nodes[k]["i"] = nodes[j]["i"]
+    elif kind == "unused":
+        leaves.append({"dtype": "float32", "shape": [0], "offset": 0, "nbytes": 0})
+    elif kind == "depth":
+        levels = data.draw(st.integers(65, 300))
+        wrapped = json.dumps(header["tree"])
+        header["tree"] = "@TREE@"
+        text = json.dumps(header)
+        return text.replace('"@TREE@"', '{"t": "list", "c": [' * levels + wrapped + "]}" * levels)
+    elif kind == "huge_int":
+        digits = data.draw(st.integers(41, 6000))
+        where = data.draw(st.sampled_from(["metadata", "offset", "int_leaf", "data_nbytes"]))
+        text = json.dumps(header)
+        number = "9" * digits
+        if where == "metadata":
+            return text.replace('"epoch": 1', f'"epoch": {number}')
+        if where == "offset":
+            return text.replace(f'"offset": {leaves[k]["offset"]}', f'"offset": {number}', 1)
+        if where == "int_leaf":
+            return text.replace('"v": 3', f'"v": {number}')
+        return text.replace(f'"data_nbytes": {header["data_nbytes"]}', f'"data_nbytes": {number}')
+    elif kind == "overflowing_shape":
+        shape = data.draw(st.sampled_from([[0, 2**62, 2**62], [2**40, 2**40], [2**63], [2**61, 8]]))
+        leaves[k]["shape"] = shape
+        leaves[k]["nbytes"] = data.draw(st.sampled_from([0, 64, math.prod(shape) * 4]))
+    elif kind == "bad_shape_entry":
+        bad = data.draw(st.sampled_from([16.0, True, -16, "16", None, [16]]))
+        leaves[k]["shape"] = [bad] if bad != -16 else [-16, -1]
+    elif kind == "field_type":
+        expected = {"format_version": int, "byteorder": str, "tree": dict, "leaves": list,
+                    "data_nbytes": int, "metadata": dict}  # fmt: skip
+        if data.draw(st.booleans()):
+            field = data.draw(st.sampled_from(sorted(expected)))
+            record, kind_ = header, expected[field]
+        else:
+            field = data.draw(st.sampled_from(["dtype", "shape", "offset", "nbytes"]))
+            record, kind_ = leaves[k], {"dtype": str, "shape": list}.get(field, int)
+        wrong = [v for v in WRONG_VALUES if not isinstance(v, kind_) or isinstance(v, bool)]
+        record[field] = data.draw(st.sampled_from(wrong))
+    elif kind == "missing_or_extra_field":
+        record = data.draw(st.sampled_from([header, leaves[k]]))
+        if data.draw(st.booleans()):
+            del record[data.draw(st.sampled_from(sorted(record)))]
+        else:
+            record["unexpected"] = 1
+    else:  # out_of_bounds
+        leaves[k]["offset"] = header["data_nbytes"] - data.draw(st.integers(0, 63))
+    return json.dumps(header)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_structured_forgeries_are_refused_quickly_naming_the_file(tmp_path, data):
+    raw = _base_file(tmp_path)
+    header, region = _split(raw)
+    kind = data.draw(st.sampled_from(ATTACKS))
+    path = tmp_path / "forged.ckpt"
+    _forge(path, _attack(kind, header, data), region)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(path)
+    assert time.perf_counter() - start < 1.0
+    assert repr(str(path)) in str(info.value), (kind, str(info.value))
+    # Each of these is refused before the tree is decoded, so read_metadata (which
+    # promises a fully verified file) refuses it too.
+    with pytest.raises(CheckpointError):
+        checkpoint.read_metadata(path)
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("alias", r"tensors \d and \d overlap"),
+        ("reuse", r"tensor \d appears twice in the tree \(aliasing is refused"),
+        ("unused", r"tensors \[4\] are described but not in the tree"),
+        ("depth", r"nests deeper than"),
+        ("huge_int", r"an integer of \d+ digits \(at most 40\)"),
+        ("overflowing_shape", r"overflows 63-bit sizes|do not fit the data region"),
+        ("bad_shape_entry", r"must be at most 64 non-negative ints"),
+        ("field_type", r"must be a|format version"),
+        ("missing_or_extra_field", r"missing fields|format version"),
+        ("out_of_bounds", r"do not fit the data region"),
+    ],
+)
+def test_each_forgery_gets_the_message_that_names_its_problem(tmp_path, kind, message):
+    @settings(max_examples=3, deadline=None, database=None)
+    @given(data=st.data())
+    def check(data):
+        header, region = _split(_base_file(tmp_path))
+        path = tmp_path / f"{kind}.ckpt"
+        _forge(path, _attack(kind, header, data), region)
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint.load(path)
+
+    check()
+
+
+_MEASURE = """
+import resource, sys, time
+from functorch_diary import checkpoint
+for path in sys.argv[1:]:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    try:
+        checkpoint.load(path)
+        outcome = "loaded"
+    except checkpoint.CheckpointError as exc:
+        outcome = "refused: " + str(exc).replace(chr(10), " ")
+    seconds = time.perf_counter() - start
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB on Linux
+    print(grown * 1024, seconds, outcome)
+"""
+
+
+def _peak_growths(*paths) -> list[tuple[int, float, str]]:
+    """For each file, loaded in turn by one fresh process (one import of torch, for
+    speed): the bytes its peak RSS grew by, the seconds it took, and the outcome. The
+    peak is a high-water mark, so give the files in increasing order of expected peak."""
+    lines = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    ).stdout.splitlines()
+    return [(int(g), float(t), outcome) for g, t, outcome in (x.split(maxsplit=2) for x in lines)]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux")
+def test_loading_memory_and_time_are_bounded_by_the_file(tmp_path):
+    """The issue's bomb: 1024 entries over the same 1 MiB (+1028 MiB peak before). And a
+    genuine 24 MiB checkpoint: peak growth within 2x the file plus 32 MiB."""
+    one_mib = torch.zeros(1 << 18)  # float32: 1 MiB
+    checkpoint.save(tmp_path / "one.ckpt", {"w": one_mib})
+    header, region = _split((tmp_path / "one.ckpt").read_bytes())
+    header["leaves"] = header["leaves"] * 1024
+    header["tree"] = {"t": "list", "c": [{"t": "tensor", "i": i} for i in range(1024)]}
+    bomb = tmp_path / "bomb.ckpt"
+    _forge(bomb, json.dumps(header), region)
+    genuine = tmp_path / "genuine.ckpt"
+    checkpoint.save(genuine, {f"t{i}": torch.randn(1 << 21) for i in range(3)})
+    slack = 32 << 20
+    results = _peak_growths(bomb, genuine)
+    for path, expected, (grown, seconds, outcome) in zip(
+        (bomb, genuine), ("refused: ", "loaded"), results, strict=True
+    ):
+        size = path.stat().st_size
+        assert outcome.startswith(expected), outcome
+        assert grown <= 2 * size + slack, (path.name, grown, size)
+        assert seconds < 5.0, (path.name, seconds)

@@ -11,6 +11,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from functorch_diary import models as zoo
+from functorch_diary.checkpoint import CheckpointError
 from functorch_diary.model.checks import TreeMismatchError
 from functorch_diary.model.pretrained import Mismatch, load_partial, load_state_dict_file
 from functorch_diary.testing import assert_trees_close
@@ -130,7 +131,7 @@ def test_loading_never_executes_code(tmp_path):
     target = tmp_path / "pwned"
     with open(tmp_path / "evil.pth", "wb") as handle:
         pickle.dump({"w": _Payload(target)}, handle, protocol=2)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match=r"refused to load .*evil\.pth"):
         load_state_dict_file(tmp_path / "evil.pth")
     assert not target.exists()
 

@@ -107,3 +107,35 @@ def test_adam_is_bit_for_bit_torch_adam(dtype, foreach):
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optim.apply_updates(params, updates)
     assert_trees_close(params, {"w": torch_params[0].detach()})  # rtol = atol = 0
+
+
+def test_a_loss_that_sees_the_params_and_a_dict_batch_matches_its_imperative_twin():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model, params, state = Model.from_module(net)
+
+    def loss(params, outputs, batch):
+        fit = F.cross_entropy(outputs, batch["label"])
+        penalty = sum(p.square().sum() for p in params.values())
+        return fit + 1e-2 * penalty, {"fit": fit, "penalty": penalty}
+
+    opt = optim.adam(1e-2)
+    ts = init_train_state(model, opt, params=params, state=state)
+    step = make_train_step(model, loss, opt, compile=False, loss_sees="params, outputs, batch",
+                           has_aux=True, model_inputs=lambda batch: batch["image"])
+    torch_opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for i in range(5):
+        batch = {"image": torch.randn(8, 5, dtype=torch.float64), "label": torch.arange(8) % 2}
+        ts, metrics = step(ts, batch)
+        torch_opt.zero_grad()
+        expected, aux = loss(dict(net.named_parameters()), net(batch["image"]), batch)
+        expected.backward()
+        torch_opt.step()
+        assert_trees_close(metrics, {"loss": expected, **aux}, rtol=1e-12, atol=1e-12), i
+    assert_trees_close(ts.params, dict(net.named_parameters()), rtol=1e-10, atol=1e-12)
+
+
+def test_an_unknown_loss_form_is_refused():
+    with pytest.raises(ValueError, match="loss_sees must be one of"):
+        make_train_step(Model(lambda: nn.Linear(1, 1)), F.mse_loss, optim.sgd(0.1),
+                        loss_sees="outputs")

@@ -1,0 +1,238 @@
+"""torch.optim interop (seed 000 item 12): continue a run in the other world, for every
+mapped optimiser and wrapper, and refusals that name what has no torch equivalent."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import nn
+
+import functorch_diary as fd
+from functorch_diary import checkpoint, optim
+from functorch_diary.checkpoint.format import CheckpointError
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+
+
+_X = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+_Y = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+
+def _two_groups(make):
+    """A torch optimiser with the first layer and the second layer in separate groups."""
+    return lambda net: make(
+        [{"params": net[0].parameters(), "lr": 0.05}, {"params": net[2].parameters(), "lr": 0.01}]
+    )
+
+
+# name -> (torch optimiser on a net, our optimiser, the net's frozen prefix or None)
+OPTIMIZERS = {
+    "sgd": (
+        lambda n: torch.optim.SGD(
+            n.parameters(), 0.1, momentum=0.9, nesterov=True, weight_decay=1e-2
+        ),
+        lambda: optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+        None,
+    ),
+    "adam": (
+        lambda n: torch.optim.Adam(n.parameters(), lr=0.05, betas=(0.8, 0.99), weight_decay=1e-2),
+        lambda: optim.adam(0.05, betas=(0.8, 0.99), weight_decay=1e-2),
+        None,
+    ),
+    "adamw_amsgrad": (
+        lambda n: torch.optim.AdamW(n.parameters(), lr=0.05, amsgrad=True),
+        lambda: optim.adamw(0.05, amsgrad=True),
+        None,
+    ),
+    "rmsprop": (
+        lambda n: torch.optim.RMSprop(n.parameters(), lr=0.01, momentum=0.5, centered=True),
+        lambda: optim.rmsprop(0.01, momentum=0.5, centered=True),
+        None,
+    ),
+    "adagrad": (
+        lambda n: torch.optim.Adagrad(
+            n.parameters(), lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1
+        ),
+        lambda: optim.adagrad(0.1, lr_decay=0.01, initial_accumulator_value=0.1),
+        None,
+    ),
+    # Wrappers: torch.optim has no skip counters, keeps accumulated gradients in .grad,
+    # expresses groups as param_groups and frozen leaves as parameters without gradients.
+    "apply_if_finite(adam)": (
+        lambda n: torch.optim.Adam(n.parameters(), lr=0.05),
+        lambda: optim.apply_if_finite(optim.adam(0.05)),
+        None,
+    ),
+    "accumulate_gradients(adam)": (
+        lambda n: torch.optim.Adam(n.parameters(), lr=0.05),
+        lambda: optim.accumulate_gradients(optim.adam(0.05), every_k=1),
+        None,
+    ),
+    "multi_transform(adam, adam)": (
+        _two_groups(torch.optim.Adam),
+        lambda: optim.multi_transform(
+            {"body": optim.adam(0.05), "head": optim.adam(0.01)}, {"body": "0.*", "head": "2.*"}
+        ),
+        None,
+    ),
+    "freeze(sgd)": (
+        lambda n: torch.optim.SGD(n.parameters(), 0.1, momentum=0.9),
+        lambda: optim.freeze(optim.sgd(0.1, momentum=0.9), "0.*"),
+        "0.",
+    ),
+}
+
+
+def _torch_steps(net, topt, n):
+    for _ in range(n):
+        topt.zero_grad()
+        nn.functional.mse_loss(net(_X), _Y).backward()
+        topt.step()
+
+
+def _our_steps(model, opt, ts, n):
+    step = fd.make_train_step(model, nn.functional.mse_loss, opt)
+    for _ in range(n):
+        ts, _ = step(ts, (_X, _Y))
+    return ts
+
+
+def _freeze(net, prefix):
+    for name, p in net.named_parameters():
+        p.requires_grad_(prefix is None or not name.startswith(prefix))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_torch_optim_state_imports_and_training_continues(name):
+    make_torch, make_ours, frozen = OPTIMIZERS[name]
+    net = _net()
+    _freeze(net, frozen)
+    topt = make_torch(net)
+    _torch_steps(net, topt, 3)
+    model, params, state = fd.Model.from_module(net)
+    opt = make_ours()
+    sd = topt.state_dict()
+    opt_state = checkpoint.import_optimizer_state(sd, opt.init(params), params)
+    ts = fd.TrainState(params, state, opt_state, torch.tensor(3), fd.prng.key(0))
+    ts = _our_steps(model, opt, ts, 3)
+    _torch_steps(net, topt, 3)
+    fd.assert_trees_close(ts.params, dict(net.named_parameters()), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_our_optimizer_state_exports_to_torch_optim(name):
+    make_torch, make_ours, frozen = OPTIMIZERS[name]
+    net = _net()
+    model, params, state = fd.Model.from_module(net)
+    opt = make_ours()
+    ts = _our_steps(model, opt, fd.init_train_state(model, opt, params=params, state=state), 3)
+    net.load_state_dict(model.state_dict(ts.params, ts.state))
+    _freeze(net, frozen)
+    topt = make_torch(net)
+    exported = checkpoint.export_optimizer_state(
+        ts.opt_state, ts.params, topt.state_dict()["param_groups"]
+    )
+    topt.load_state_dict(exported)
+    _torch_steps(net, topt, 3)
+    ts = _our_steps(model, opt, ts, 3)
+    fd.assert_trees_close(ts.params, dict(net.named_parameters()), rtol=1e-10, atol=1e-12)
+    # and back: the round trip through torch's format loses nothing
+    again = checkpoint.import_optimizer_state(topt.state_dict(), opt.init(params), params, step=6)
+    fd.assert_trees_close(again, ts.opt_state, rtol=1e-10, atol=1e-12)
+
+
+def test_optimizer_state_mismatch_is_clear():
+    net = _net()
+    topt = torch.optim.Adam(net.parameters())
+    _torch_steps(net, topt, 1)
+    _, params, _ = fd.Model.from_module(net)
+    good = dict(params)
+    params["0.weight"] = torch.zeros(3, 3, dtype=torch.float64)
+    with pytest.raises(
+        CheckpointError,
+        match=r"\[0\]\['exp_avg'\] \(param '0\.weight'\): expected shape \(3, 3\), got \(5, 4\)",
+    ):
+        checkpoint.import_optimizer_state(topt.state_dict(), optim.adam().init(params), params)
+    # Adam's moments into an SGD state: refused, not silently dropped.
+    with pytest.raises(CheckpointError, match=r"\['exp_avg'\] \(param '0\.weight'\) has no place"):
+        checkpoint.import_optimizer_state(topt.state_dict(), optim.sgd(0.1).init(good), good)
+
+
+def test_accumulation_midway_is_refused_naming_the_wrapper():
+    params = {"w": torch.ones(2)}
+    opt = optim.accumulate_gradients(optim.adam(0.1), every_k=2)
+    _, opt_state = opt.update({"w": torch.ones(2)}, opt.init(params), params)
+    groups = torch.optim.Adam([torch.ones(2, requires_grad=True)]).state_dict()["param_groups"]
+    with pytest.raises(CheckpointError, match=r"accumulate_gradients state at opt_state.*1 micro"):
+        checkpoint.export_optimizer_state(opt_state, params, groups)
+    _, opt_state = opt.update({"w": torch.ones(2)}, opt_state, params)
+    exported = checkpoint.export_optimizer_state(opt_state, params, groups)
+    assert exported["state"][0]["step"] == 1
+
+
+class _UnknownState(NamedTuple):
+    velocity: dict
+
+
+def test_a_state_with_no_mapping_is_refused_with_its_name_and_path():
+    params = {"w": torch.ones(2)}
+    state = optim.apply_if_finite(optim.adam()).init(params)
+    state = state._replace(inner=(*state.inner, _UnknownState({"w": torch.zeros(2)})))
+    groups = [{"params": [0], "lr": 1e-3}]
+    with pytest.raises(CheckpointError, match=r"_UnknownState at opt_state\.inner\[3\].*register"):
+        checkpoint.export_optimizer_state(state, params, groups)
+    with pytest.raises(CheckpointError, match=r"_UnknownState at opt_state\.inner\[3\]"):
+        checkpoint.import_optimizer_state({"state": {}, "param_groups": groups}, state, params)
+
+
+def test_masked_weight_decay_is_torch_param_groups_in_their_order():
+    """``chain(masked(add_decayed_weights), adam)`` is torch's Adam with weight decay in
+    the weights' group only; torch numbers parameters group by group, so ``params`` is
+    given in that order."""
+    net = _net()
+    model, params, state = fd.Model.from_module(net)
+    opt = optim.chain(optim.masked(optim.add_decayed_weights(0.1), "*.weight"), optim.adam(0.05))
+    ts = _our_steps(model, opt, fd.init_train_state(model, opt, params=params, state=state), 3)
+    net.load_state_dict(model.state_dict(ts.params, ts.state))
+    weights = [p for n, p in net.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in net.named_parameters() if n.endswith("bias")]
+    topt = torch.optim.Adam(
+        [{"params": weights, "weight_decay": 0.1}, {"params": biases, "weight_decay": 0.0}],
+        lr=0.05,
+    )
+    order = sorted(ts.params, key=lambda n: not n.endswith("weight"))  # torch's numbering
+    in_torch_order = {n: ts.params[n] for n in order}
+    topt.load_state_dict(
+        checkpoint.export_optimizer_state(
+            ts.opt_state, in_torch_order, topt.state_dict()["param_groups"]
+        )
+    )
+    _torch_steps(net, topt, 3)
+    ts = _our_steps(model, opt, ts, 3)
+    fd.assert_trees_close(ts.params, dict(net.named_parameters()), rtol=1e-10, atol=1e-12)
+    back = checkpoint.import_optimizer_state(
+        topt.state_dict(), opt.init(params), {n: params[n] for n in order}
+    )
+    fd.assert_trees_close(back, ts.opt_state, rtol=1e-10, atol=1e-12)
+
+
+def test_learning_rates_of_groups_that_cannot_be_told_apart_are_refused():
+    net = _net()
+    _, params, _ = fd.Model.from_module(net)
+    groups = _two_groups(torch.optim.SGD)(net).state_dict()
+    opt = optim.multi_transform(
+        {"body": optim.sgd(0.05), "head": optim.sgd(0.01)}, {"body": "0.*", "head": "2.*"}
+    )
+    # Plain SGD keeps no per-parameter tensors: which torch group is "body"?
+    with pytest.raises(CheckpointError, match=r"opt_state\.body.*no per-parameter tensors"):
+        checkpoint.import_optimizer_state(groups, opt.init(params), params)
+    # One optimiser over parameters in groups of different learning rates.
+    topt = _two_groups(torch.optim.Adam)(net)
+    _torch_steps(net, topt, 1)
+    with pytest.raises(CheckpointError, match=r"different learning rates \[0\.01, 0\.05\]"):
+        checkpoint.import_optimizer_state(topt.state_dict(), optim.adam().init(params), params)
