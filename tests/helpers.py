@@ -3,8 +3,13 @@ torch.optim twins by name, Dynamo's counters, standard data files written on the
 
 import contextlib
 import gzip
+import os
 import pickle
-from collections.abc import Iterator
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -107,3 +112,133 @@ def write_cifar(folder, per_batch=60, n_test=100, protocol=2, seed=0):
     with open(folder / "batches.meta", "wb") as handle:
         pickle.dump(meta, handle, protocol=protocol)
     return written
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rank_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process: this checkout first on the path, one thread."""
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_ranks(script: Path, world_size: int, args: Sequence[str] = (), cwd=None):
+    """``world_size`` processes of ``script`` with torchrun's variables (gloo on localhost),
+    started at once; returns the ``Popen`` s (stdout/stderr piped, text)."""
+    port = str(free_port())
+    return [
+        subprocess.Popen(
+            [sys.executable, str(script), *args],
+            env=rank_env(
+                RANK=str(rank),
+                WORLD_SIZE=str(world_size),
+                LOCAL_RANK=str(rank),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+        )
+        for rank in range(world_size)
+    ]
+
+
+def run_ranks(
+    script: Path, world_size: int, args: Sequence[str] = (), timeout: float = 120, cwd=None
+):
+    """Run :func:`start_ranks` to the end; raise with every rank's stderr if one fails."""
+    procs = start_ranks(script, world_size, args, cwd)
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout))
+    finally:
+        for proc in procs:
+            proc.kill()
+    failed = [
+        (r, p.returncode, err)
+        for r, (p, (_, err)) in enumerate(zip(procs, outputs, strict=True))
+        if p.returncode
+    ]
+    if failed:
+        raise AssertionError("\n".join(f"rank {r} exited {c}:\n{e[-3000:]}" for r, c, e in failed))
+    return [out for out, _ in outputs]
+
+
+def sharded_case(name: str):
+    """``(model, optimizer, dtype, batches)`` of one sharded-vs-single-process case, named
+    ``model-optimizer-dtype`` (e.g. ``"lenet-adamw-float64"``). The batches are the global
+    ones, drawn from a seeded generator, the same in every process."""
+    from functorch_diary import data, models, optim
+
+    model_name, opt_name, dtype_name = name.split("-")
+    dtype = getattr(torch, dtype_name)
+    steps, batch = {"mlp": (3, 8), "lenet": (2, 8), "resnet18": (1, 4)}[model_name]
+    model = {
+        "mlp": lambda: models.mlp(in_features=64, hidden=(32,), num_classes=10),
+        "lenet": lambda: models.lenet(num_classes=10),
+        "resnet18": lambda: models.resnet18(num_classes=10),
+    }[model_name]()
+    optimizer = {
+        "sgdm": lambda: optim.sgd(0.05, momentum=0.9),
+        # Adam's first step is lr * g / (|g| + eps): for a gradient near eps the update
+        # moves by lr / eps times the gradient's rounding, whoever computes it; eps 1e-4
+        # keeps that gain at 10 instead of 1e5 (torch's default 1e-8).
+        "adamw": lambda: optim.adamw(1e-3, weight_decay=0.01, eps=1e-4),
+        # torch's param_groups with a schedule each, and a frozen leaf: the optimiser
+        # selects leaves by path, and a rank's shards keep their paths.
+        "groups": lambda: optim.multi_transform(
+            {
+                "body": optim.sgd(optim.step_lr(0.1, step_size=2, gamma=0.5), momentum=0.9),
+                "head": optim.adamw(optim.cosine_annealing_lr(1e-2, T_max=3), eps=1e-4),
+            },
+            {"body": "net.1.*", "head": "net.3.*"},
+        ),
+        "frozen": lambda: optim.freeze(optim.adamw(1e-2, eps=1e-4), "net.1.bias"),
+    }[opt_name]()
+    shape = {"lenet": (1, 28, 28), "resnet18": (3, 8, 8)}.get(model_name)
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        data.digits_batch(i, batch, 0, dtype)
+        if shape is None
+        else (
+            torch.randn(batch, *shape, generator=gen, dtype=dtype),
+            torch.randint(0, 10, (batch,), generator=gen),
+        )
+        for i in range(steps)
+    ]
+    return model, optimizer, dtype, batches
+
+
+def sharded_tolerance(name: str) -> float:
+    """The relative tolerance (of each leaf's scale: :func:`assert_close_to_scale`) of a
+    :func:`sharded_case` against one process. MLP and LeNet: 1e-12 in float64. ResNet-18:
+    its BatchNorm backward through synchronised statistics rounds apart from torch's
+    fused kernel (by 1.5e-13 of a leaf's scale in one process already), and AdamW's first
+    step divides by the gradients' size: measured up to 4e-11 on BatchNorm biases, which
+    start at 0 (their scale is one step's size). float32: 3e-6 (LeNet AdamW's second
+    moments reach 2.4e-6: squaring doubles a gradient's relative rounding)."""
+    if name.endswith("float32"):
+        return 3e-6
+    return 1e-10 if name.startswith("resnet18") else 1e-12
+
+
+def assert_close_to_scale(actual, expected, rtol: float) -> None:
+    """``assert_trees_close`` leaf by leaf with ``atol = rtol * max|expected leaf|``: the
+    rounding of a sum-heavy computation (a BatchNorm backward, a reduce-scatter) is
+    relative to the leaf's scale, not to each entry (an entry near 0 has no digits left)."""
+    from functorch_diary.testing import assert_trees_close
+    from functorch_diary.tree import tree_flatten_with_paths
+
+    pairs = zip(tree_flatten_with_paths(actual), tree_flatten_with_paths(expected), strict=True)
+    for (path, a), (_, b) in pairs:
+        floating = isinstance(b, torch.Tensor) and b.is_floating_point() and b.numel()
+        atol = rtol * float(b.abs().max()) if floating else 0.0
+        assert_trees_close({path: a}, {path: b}, rtol=rtol, atol=atol)

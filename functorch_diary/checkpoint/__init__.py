@@ -4,6 +4,7 @@ state interop driven by the state types (``torch_optim``)."""
 
 from typing import Any
 
+from . import distributed as distributed  # sharded TrainStates, torch.distributed.checkpoint
 from .format import CheckpointError, load, read_metadata, register_type, save
 from .torch_files import load_torch_file
 

@@ -1,6 +1,10 @@
-"""The torchrun entry point: data-parallel training of an MLP on the bundled digits::
+"""The torchrun entry point: data-parallel or sharded training of an MLP on the digits::
 
     torchrun --standalone --nproc-per-node 2 -m functorch_diary.cli.distributed --steps 100
+    torchrun --standalone --nproc-per-node 2 -m functorch_diary.cli.distributed --shard
+
+``--shard`` keeps params and optimiser state as DTensor shards (``training.sharded``);
+``--out`` then writes the gathered TrainState, the same file as data parallel writes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ from ..training.distributed import (
     make_data_parallel_train_step,
     shard,
 )
+from ..training.sharded import (
+    gather_train_state,
+    make_mesh,
+    make_sharded_train_step,
+    shard_train_state,
+)
 from ..training.step import init_train_state
 from ..tree import tree_map
 from ..zoo import models
@@ -28,7 +38,8 @@ from ..zoo import models
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchrun --nproc-per-node N -m functorch_diary.cli.distributed",
-        description="Data-parallel training of an MLP on scikit-learn's digits.",
+        description="Data-parallel (or, with --shard, sharded) training of an MLP on "
+        "scikit-learn's digits.",
     )
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
@@ -39,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=("gloo", "nccl"), default=None)
     parser.add_argument("--timeout", type=float, default=120.0, help="collective timeout (s)")
     parser.add_argument("--out", default=None, help="checkpoint file written by rank 0")
+    parser.add_argument(
+        "--shard",
+        action="store_true",
+        help="shard params and optimiser state over the ranks (FSDP/ZeRO-3 style, DTensor)",
+    )
     return parser
 
 
@@ -51,7 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
         opt = optim.sgd(args.lr, momentum=0.9) if args.optimizer == "sgd" else optim.adam(args.lr)
         ts = init_train_state(model, opt, seed=args.seed, device=world.device, dtype=dtype)
-        step = make_data_parallel_train_step(model, torch.nn.functional.cross_entropy, opt)
+        loss_fn = torch.nn.functional.cross_entropy
+        if args.shard:
+            ts = shard_train_state(ts, make_mesh())
+            step = make_sharded_train_step(model, loss_fn, opt)
+        else:
+            step = make_data_parallel_train_step(model, loss_fn, opt)
         for i in range(args.steps):
             batch = digits_batch(i, args.batch_size, args.seed, dtype)
             local = tree_map(
@@ -60,9 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             ts, metrics = step(ts, local)
             if world.rank == 0 and (i % 10 == 0 or i == args.steps - 1):
                 print(f"step {i + 1}/{args.steps} loss {float(metrics['loss']):.4f}", flush=True)
+        if args.shard:
+            ts = gather_train_state(ts)  # every rank takes part in the all-gathers
         assert_in_sync(ts.params)
         if world.rank == 0 and args.out:
-            checkpoint.save(args.out, ts, metadata={"world_size": world.world_size})
+            metadata = {"world_size": world.world_size}
+            if args.shard:
+                metadata["sharded"] = True
+            checkpoint.save(args.out, ts, metadata=metadata)
     finally:
         dist.destroy_process_group()
     return 0

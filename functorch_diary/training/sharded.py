@@ -1,0 +1,487 @@
+"""Sharded (FSDP/ZeRO-3-style) training: params, state and optimiser state as ``DTensor`` s.
+
+Data parallel keeps a full copy of params, gradients and optimiser state on every rank.
+Here each leaf is a :class:`~torch.distributed.tensor.DTensor` on a one-dimensional
+:class:`~torch.distributed.device_mesh.DeviceMesh`, split along dim 0 (``Shard(0)``), so
+a rank holds about ``1/N`` of every large tensor. The step is the single-process step
+with three hooks, all on torch's own engine:
+
+1. **gather for compute**: each param is ``redistribute`` d to ``Replicate`` (an
+   all-gather) and handed to ``Model.apply`` as a plain tensor; the gather is
+   differentiable, and its backward is a reduce-scatter (``to_local`` declares the
+   gradient ``Partial``), so
+2. **gradients come back reduce-scattered** to the shards, averaged over the ranks;
+3. **the optimiser updates only the local shard**: it runs on the local pieces of params,
+   gradients and optimiser state, plain tensors, so every named optimiser, schedule and
+   mask runs unchanged (they act element by element). A transform that reduces over the
+   whole tree (``clip_by_global_norm``) would see only this rank's shard: use it with
+   the data-parallel step.
+
+**Placement rule** (:func:`placements_for`): a floating leaf with at least one dimension,
+at least as many rows as ranks and at least ``min_numel`` elements is ``Shard(0)`` (rows
+split as ``torch.chunk`` does: the last rank may hold fewer); anything else (0-dim and
+integer leaves, small biases, a leaf with fewer rows than ranks) is ``Replicate``, as
+sharding it would cost a collective per step for nothing. ``placements={selector:
+placement}`` overrides the rule for the leaves a :func:`functorch_diary.tree.select`
+selector picks (the first selector that picks a leaf wins). An optimiser-state leaf whose
+path ends with a param's key and has that param's shape (Adam's ``mu``, SGD's momentum)
+takes the param's placement; counts and scalars are replicated.
+
+**BatchNorm** (``sync_batch_norm=True``, the default): batch statistics are synchronised
+over the ranks, as ``nn.SyncBatchNorm`` does: the mean and variance of the whole global
+batch normalise every shard (two differentiable ``all_reduce`` s per BatchNorm layer), and
+the running statistics are updated from them, so they are the same on every rank and the
+step equals the single-process step on the whole batch, BatchNorm models included. Model
+state is therefore ``Replicate``. ``sync_batch_norm=False`` uses per-shard statistics
+(``DataParallel``'s behaviour) and averages the running statistics over the ranks, as
+:func:`~functorch_diary.training.distributed.make_data_parallel_train_step` does.
+
+Dropout masks differ per rank (the key is folded with the rank), as each shard holds
+different samples.
+
+Example (one process: a mesh of one rank, where every collective is a no-op):
+    >>> import torch
+    >>> import torch.distributed as dist
+    >>> from torch import nn
+    >>> from functorch_diary import Model, optim, init_train_state
+    >>> from functorch_diary.training import sharded
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> model, opt = Model(lambda: nn.Linear(4, 2)), optim.adamw(0.1)
+    >>> ts = sharded.shard_train_state(init_train_state(model, opt), sharded.make_mesh())
+    >>> ts.params["weight"].placements
+    (Replicate(),)
+    >>> step = sharded.make_sharded_train_step(model, nn.functional.mse_loss, opt)
+    >>> ts, metrics = step(ts, (torch.ones(8, 4), torch.zeros(8, 2)))
+    >>> sorted(sharded.gather_train_state(ts).params)
+    ['bias', 'weight']
+    >>> dist.destroy_process_group()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
+from torch.distributed.tensor import empty as dtensor_empty
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+from .. import prng
+from ..model.core import Model
+from ..optim.base import GradientTransformation
+from ..tree import (
+    PyTree,
+    Selector,
+    select,
+    tree_flatten_with_paths,
+    tree_leaves,
+    tree_map,
+    tree_unflatten_like,
+)
+from .distributed import DistributedError, all_reduce_mean
+from .step import Batch, LossFn, TrainState, apply_step, loss_objective, step_key, value_and_grad
+
+__all__ = [
+    "DEFAULT_MIN_NUMEL",
+    "empty_train_state",
+    "gather_train_state",
+    "gather_tree",
+    "local_bytes",
+    "make_mesh",
+    "make_sharded_train_step",
+    "placements_for",
+    "shard_train_state",
+    "shard_tree",
+    "sync_batch_norm",
+]
+
+#: Leaves with fewer elements are replicated by default: sharding a bias costs one
+#: all-gather and one reduce-scatter per step to save a few hundred bytes.
+DEFAULT_MIN_NUMEL = 1024
+
+
+def make_mesh(device_type: str | None = None) -> DeviceMesh:
+    """The one-dimensional mesh over every rank of the default process group.
+
+    Args:
+        device_type: ``"cpu"`` (gloo) or ``"cuda"`` (NCCL); default from the backend.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise DistributedError(
+            "no process group: call training.distributed.init_from_env() (under torchrun) "
+            "before make_mesh()"
+        )
+    if device_type is None:
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return init_device_mesh(device_type, (dist.get_world_size(),))
+
+
+def _default_placement(leaf: Tensor, ranks: int, min_numel: int) -> Placement:
+    shardable = (
+        leaf.is_floating_point()
+        and leaf.dim() >= 1
+        and leaf.shape[0] >= ranks
+        and leaf.numel() >= min_numel
+    )
+    return Shard(0) if shardable else Replicate()
+
+
+def placements_for(
+    tree: PyTree,
+    mesh: DeviceMesh | int,
+    placements: Mapping[Selector, Placement] | None = None,
+    *,
+    min_numel: int = DEFAULT_MIN_NUMEL,
+) -> PyTree:
+    """The placement of every leaf of ``tree``: the rule in the module docstring, then the
+    user's ``{selector: placement}`` (first match wins). ``mesh`` may be its size.
+
+    Raises:
+        ValueError: a selector matches no leaf, or a ``Shard(d)`` names a dimension the
+            leaf lacks (the message names the leaf and its shape).
+
+    Example:
+        >>> import torch
+        >>> from torch.distributed.tensor import Replicate
+        >>> tree = {"fc.weight": torch.ones(64, 32), "fc.bias": torch.ones(64)}
+        >>> placements_for(tree, 2)
+        {'fc.weight': Shard(dim=0), 'fc.bias': Replicate()}
+        >>> placements_for(tree, 2, {"fc.weight": Replicate()})["fc.weight"]
+        Replicate()
+    """
+    ranks = mesh if isinstance(mesh, int) else mesh.size()
+    chosen = tree_map(lambda leaf: _default_placement(leaf, ranks, min_numel), tree)
+    masks = [(select(tree, spec), placement) for spec, placement in (placements or {}).items()]
+    paths = [path for path, _ in tree_flatten_with_paths(tree)]
+    out = []
+    for index, (leaf, default) in enumerate(
+        zip(tree_leaves(tree), tree_leaves(chosen), strict=True)
+    ):
+        placement = next((p for mask, p in masks if tree_leaves(mask)[index]), default)
+        if isinstance(placement, Shard) and not (0 <= placement.dim < max(leaf.dim(), 1)):
+            raise ValueError(
+                f"leaf {paths[index]!r} of shape {tuple(leaf.shape)} cannot take "
+                f"{placement}: it has {leaf.dim()} dimensions; use Replicate() for it"
+            )
+        out.append(placement)
+    return tree_unflatten_like(tree, out)
+
+
+def _place(leaf: Tensor, mesh: DeviceMesh, placement: Placement) -> DTensor:
+    # Every rank holds the same full leaf (same seed, or loaded from one file), so each
+    # cuts its own piece locally: no collective, no copy of the other ranks' pieces.
+    if isinstance(placement, Shard):
+        pieces = torch.chunk(leaf, mesh.size(), dim=placement.dim)
+        rank = mesh.get_local_rank()
+        local = pieces[rank] if rank < len(pieces) else leaf.narrow(placement.dim, 0, 0)
+    else:
+        local = leaf
+    local = local.detach().clone().to(mesh.device_type)
+    return DTensor.from_local(
+        local, mesh, [placement], run_check=False, shape=leaf.shape, stride=leaf.stride()
+    )
+
+
+def shard_tree(tree: PyTree, mesh: DeviceMesh, placements: PyTree) -> PyTree:
+    """``tree`` as DTensors with the given placements (a tree like ``tree``, e.g. from
+    :func:`placements_for`). Each rank must pass the same full tree; none is modified."""
+    return tree_map(lambda leaf, p: _place(leaf, mesh, p), tree, placements)
+
+
+def gather_tree(tree: PyTree) -> PyTree:
+    """Every DTensor leaf as the full tensor (an all-gather); other leaves as they are."""
+    return tree_map(lambda x: x.full_tensor() if isinstance(x, DTensor) else x, tree)
+
+
+def _opt_state_placements(opt_state: Any, params: Mapping[str, Tensor], param_places) -> Any:
+    """A param's placement for each optimiser-state leaf that mirrors it, else Replicate."""
+    keys = sorted(params, key=len, reverse=True)  # the longest key wins: "10.w" over "0.w"
+    out = []
+    for path, leaf in tree_flatten_with_paths(opt_state):
+        owner = next(
+            (k for k in keys if (path == k or path.endswith("." + k))
+             and tuple(params[k].shape) == tuple(leaf.shape)),
+            None,
+        )  # fmt: skip
+        out.append(param_places[owner] if owner is not None else Replicate())
+    return tree_unflatten_like(opt_state, out)
+
+
+def shard_train_state(
+    ts: TrainState,
+    mesh: DeviceMesh,
+    placements: Mapping[Selector, Placement] | None = None,
+    *,
+    min_numel: int = DEFAULT_MIN_NUMEL,
+) -> TrainState:
+    """A single-process ``TrainState`` as DTensors on ``mesh`` (every rank passes the same).
+
+    Params by :func:`placements_for`, optimiser-state leaves like the param they mirror,
+    model state replicated; ``step`` and ``rng`` stay plain tensors (equal everywhere).
+    """
+    if not isinstance(ts.params, Mapping):
+        raise TypeError(
+            f"params must be a dict keyed like named_parameters(), got {type(ts.params)}"
+        )
+    param_places = placements_for(ts.params, mesh, placements, min_numel=min_numel)
+    opt_places = _opt_state_placements(ts.opt_state, ts.params, param_places)
+    replicate = tree_map(lambda _: Replicate(), ts.state)
+    return TrainState(
+        shard_tree(ts.params, mesh, param_places),
+        shard_tree(ts.state, mesh, replicate),
+        shard_tree(ts.opt_state, mesh, opt_places),
+        ts.step.clone(),
+        ts.rng.clone(),
+    )
+
+
+def empty_train_state(
+    model: Model,
+    optimizer: GradientTransformation,
+    mesh: DeviceMesh,
+    placements: Mapping[Selector, Placement] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    min_numel: int = DEFAULT_MIN_NUMEL,
+) -> TrainState:
+    """A sharded ``TrainState`` with the placements :func:`shard_train_state` gives, whose
+    params and state are uninitialised: the ``like=`` of a distributed checkpoint load.
+
+    Only the local shards are allocated (the whole model never is, on any rank), so a
+    model too large for one rank can be resumed. ``dtype`` replaces the template's
+    floating dtype, as ``init_train_state(dtype=)`` does.
+    """
+
+    def spec_dtype(spec: Any) -> torch.dtype:
+        return dtype if dtype is not None and spec.dtype.is_floating_point else spec.dtype
+
+    shapes = {
+        name: torch.empty(spec.shape, dtype=spec_dtype(spec), device="meta")
+        for name, spec in model.param_specs.items()
+    }
+    param_places = placements_for(shapes, mesh, placements, min_numel=min_numel)
+
+    def empty(leaf: Tensor, placement: Placement) -> DTensor:
+        return dtensor_empty(leaf.shape, dtype=leaf.dtype, device_mesh=mesh, placements=[placement])
+
+    params = tree_map(empty, shapes, param_places)
+    state = {
+        name: empty(torch.empty(spec.shape, dtype=spec_dtype(spec), device="meta"), Replicate())
+        for name, spec in model.state_specs.items()
+    }
+    # The optimiser's own scalars (counts, injected rates) come back as plain tensors:
+    # replicate them, as shard_train_state does.
+    opt_state = tree_map(
+        lambda x: x if isinstance(x, DTensor) else _place(x, mesh, Replicate()),
+        optimizer.init(params),
+    )
+    device = mesh.device_type
+    return TrainState(
+        params,
+        state,
+        opt_state,
+        torch.zeros((), dtype=torch.int64, device=device),
+        prng.key(0, device=device),
+    )
+
+
+def gather_train_state(ts: TrainState) -> TrainState:
+    """The single-process ``TrainState`` of a sharded one (plain full tensors)."""
+    return TrainState(*(gather_tree(part) for part in ts))
+
+
+def local_bytes(tree: PyTree) -> int:
+    """Bytes this rank holds for ``tree``: each DTensor's local shard, other tensors whole."""
+    leaves = [x.to_local() if isinstance(x, DTensor) else x for x in tree_leaves(tree)]
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, Tensor))
+
+
+def _to_local(tree: PyTree) -> PyTree:
+    return tree_map(lambda x: x.to_local() if isinstance(x, DTensor) else x, tree)
+
+
+def _like(local: PyTree, template: PyTree) -> PyTree:
+    """The local pieces in ``local`` wrapped as DTensors placed like ``template``'s leaves."""
+
+    def wrap(piece: Any, like: Any) -> Any:
+        if not isinstance(like, DTensor):
+            return piece
+        return DTensor.from_local(
+            piece, like.device_mesh, like.placements, run_check=False,
+            shape=like.shape, stride=like.stride(),
+        )  # fmt: skip
+
+    return tree_map(wrap, local, template)
+
+
+class _SyncBatchNorm(TorchFunctionMode):
+    """``F.batch_norm`` in training mode with the statistics of the global batch."""
+
+    def __init__(self, mesh: DeviceMesh):
+        super().__init__()
+        self.mesh = mesh
+
+    def _sum_over_ranks(self, local: Tensor) -> Tensor:
+        # A Partial DTensor made Replicate is an all-reduce whose backward all-reduces too
+        # (the gradient is declared Partial): each rank's loss reaches every rank's inputs.
+        partial = DTensor.from_local(local, self.mesh, [Partial()], run_check=False)
+        return partial.redistribute(self.mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.batch_norm:
+            return func(*args, **kwargs)
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training",
+                 "momentum", "eps")  # fmt: skip
+        call = {**dict(zip(names, args, strict=False)), **kwargs}
+        if not call.get("training", False):
+            return func(*args, **kwargs)
+        return self._batch_norm(**call)
+
+    def _batch_norm(self, input, running_mean=None, running_var=None, weight=None,
+                    bias=None, training=True, momentum=0.1, eps=1e-5):  # fmt: skip
+        dims = [0, *range(2, input.dim())]
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        count = torch.tensor(
+            [input.numel() // input.shape[1]], dtype=input.dtype, device=input.device
+        )
+        # Two passes over the data (mean, then squared deviations), as torch's own kernel
+        # does, rather than E[x^2] - E[x]^2, which cancels catastrophically.
+        totals = self._sum_over_ranks(torch.cat([input.sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:-1] / n
+        centred = input - mean.reshape(shape)
+        var = self._sum_over_ranks(centred.square().sum(dims)) / n
+        out = centred * torch.rsqrt(var + eps).reshape(shape)
+        if weight is not None:
+            out = out * weight.reshape(shape)
+        if bias is not None:
+            out = out + bias.reshape(shape)
+        if running_mean is not None and momentum is not None:
+            with torch.no_grad():  # in place, as F.batch_norm does (apply passes copies)
+                running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+                unbiased = var.detach() * (n / (n - 1))
+                running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+        return out
+
+
+def sync_batch_norm(mesh: DeviceMesh) -> TorchFunctionMode:
+    """A context in which every training-mode BatchNorm uses the statistics of the whole
+    batch over the ranks of ``mesh`` (``nn.SyncBatchNorm``'s behaviour, for any model)."""
+    return _SyncBatchNorm(mesh)
+
+
+def _params_mesh(params: PyTree) -> DeviceMesh:
+    for leaf in tree_leaves(params):
+        if isinstance(leaf, DTensor):
+            return leaf.device_mesh
+    raise TypeError("the params hold no DTensor: shard the TrainState with shard_train_state()")
+
+
+def _gather_for_compute(params: PyTree) -> PyTree:
+    """Hook 1: every param whole, as a plain tensor whose backward reduce-scatters (sum)."""
+    return tree_map(
+        lambda p: p.redistribute(p.device_mesh, [Replicate()]).to_local(
+            grad_placements=[Partial()]
+        ),
+        params,
+    )
+
+
+def _grads_to_shards(grads: PyTree, params: PyTree) -> PyTree:
+    """Hook 2: each gradient on its param's placement (a replicated param's ``Partial``
+    gradient is all-reduced here; a sharded one's is already reduce-scattered)."""
+    return tree_map(lambda g, p: g.redistribute(p.device_mesh, p.placements), grads, params)
+
+
+def make_sharded_train_step(
+    model: Model,
+    loss_fn: LossFn,
+    optimizer: GradientTransformation,
+    *,
+    sync_batch_norm: bool = True,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
+    """``make_train_step`` over sharded params: ``step(ts, local_batch) -> (ts, {"loss"})``.
+
+    ``ts`` comes from :func:`shard_train_state`; ``local_batch`` is this rank's shard of
+    the global batch (:func:`~functorch_diary.training.distributed.shard`). ``"loss"`` is
+    the mean over the ranks, i.e. the whole batch's loss. With equal shards the step is
+    the single-process step on the whole batch. Runs eagerly.
+
+    Raises:
+        DistributedError: a collective failed (a rank died or timed out); the message
+            names this rank.
+    """
+
+    objective = loss_objective(model, loss_fn)
+
+    def sharded_objective(params, state, inputs, targets, key):
+        # Hook 1, inside the differentiated function: whole params for compute (and the
+        # whole batch's BatchNorm statistics); each rank's loss is the mean over its
+        # shard, so 1/size of it summed by the reduce-scatter is the mean.
+        mesh = _params_mesh(params)
+        sync = _SyncBatchNorm(mesh) if sync_batch_norm and mesh.size() > 1 else None
+        with sync if sync is not None else contextlib.nullcontext():
+            loss, (new_state, metrics) = objective(
+                _gather_for_compute(params), state, inputs, targets, key
+            )
+        return loss / mesh.size(), (new_state, {**metrics, "loss": loss})
+
+    def step(ts: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
+        mesh = _params_mesh(ts.params)
+        rank, size, group = mesh.get_local_rank(), mesh.size(), mesh.get_group()
+        inputs, targets = batch
+        key = prng.fold_in(step_key(ts), rank)  # each shard holds other samples
+        try:
+            grads, (_, (new_state, metrics)) = value_and_grad(
+                sharded_objective, ts.params, _to_local(ts.state), inputs, targets, key
+            )
+            grads = _grads_to_shards(grads, ts.params)  # hook 2
+            metrics = all_reduce_mean(metrics, group, what="all-reduce of the metrics")
+            if not sync_batch_norm:  # the state policy: per-shard statistics, averaged
+                floating = {k: v for k, v in new_state.items() if v.is_floating_point()}
+                floating = all_reduce_mean(floating, group, what="all-reduce of the state")
+                new_state = {k: floating.get(k, v) for k, v in new_state.items()}
+        except DistributedError:
+            raise
+        except Exception as exc:
+            if not _is_collective_failure(exc):
+                raise
+            raise DistributedError(
+                f"rank {rank} of {size}: sharded step failed in a collective: another rank "
+                f"has probably died, or is stuck past the process group's timeout. Look at "
+                f"the other ranks' output for the first error. ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc) else ''})"
+            ) from exc
+        # Hook 3: the update runs on the local shards, plain tensors, then is re-wrapped.
+        local = TrainState(_to_local(ts.params), {}, _to_local(ts.opt_state), ts.step, ts.rng)
+        new_local = apply_step(local, _to_local(grads), new_state, optimizer)
+        new_ts = TrainState(
+            _like(new_local.params, ts.params),
+            _like(new_local.state, ts.state),
+            _like(new_local.opt_state, ts.opt_state),
+            new_local.step,
+            new_local.rng,
+        )
+        return new_ts, metrics
+
+    return step
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause) is a lost peer or timeout from the c10d backend."""
+    while exc is not None:
+        if isinstance(exc, (dist.DistBackendError, dist.DistError)):
+            return True
+        text = str(exc).lower()
+        if any(s in text for s in ("connection closed", "connection reset", "timed out",
+                                   "broken pipe", "gloo", "nccl")):  # fmt: skip
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

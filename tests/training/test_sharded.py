@@ -1,0 +1,308 @@
+"""Sharded training on DTensors (gloo, localhost): 2 (and 4) ranks holding 1/N of the
+params and optimiser state take the single-process step on the whole batch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+import functorch_diary as fd
+from functorch_diary import checkpoint, data, models, optim
+from functorch_diary.training import sharded
+from tests.helpers import SmallBNNet, rank_env, run_ranks, start_ranks
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch built without torch.distributed"
+)
+
+# One launch of the ranks runs every case (starting processes costs more than the cases).
+# Rank 0 also runs the single-process step (make_train_step) on the whole batch and
+# compares; each case prints one JSON line that the tests below read.
+_WORKER = """
+import json, sys, time
+import torch
+from torch import nn
+from functorch_diary import init_train_state, make_train_step
+from functorch_diary.testing import assert_trees_close
+from functorch_diary.training import distributed, sharded
+from functorch_diary.tree import tree_leaves
+from tests.helpers import assert_close_to_scale, sharded_case, sharded_tolerance
+
+world = distributed.init_from_env("gloo", timeout_s=60)
+mesh = sharded.make_mesh()
+for name in sys.argv[1:]:
+    start = time.perf_counter()
+    model, opt, dtype, batches = sharded_case(name)
+    whole = init_train_state(model, opt, seed=0, dtype=dtype)
+    ts = sharded.shard_train_state(whole, mesh)
+    step = sharded.make_sharded_train_step(model, nn.functional.cross_entropy, opt)
+    losses = []
+    for batch in batches:
+        ts, metrics = step(ts, distributed.shard(batch, world.rank, world.world_size))
+        losses.append(float(metrics["loss"]))
+    seconds = time.perf_counter() - start
+    report = {
+        "case": name, "rank": world.rank, "seconds": round(seconds, 2),
+        "params_share": sharded.local_bytes(ts.params) / sharded.local_bytes(whole.params),
+        "opt_share": sharded.local_bytes(ts.opt_state) / sharded.local_bytes(whole.opt_state),
+        "placements": {k: str(v.placements[0]) for k, v in ts.params.items()},
+    }
+    gathered = sharded.gather_train_state(ts)
+    if world.rank == 0:
+        ref = whole
+        ref_step = make_train_step(model, nn.functional.cross_entropy, opt)
+        ref_losses = []
+        for batch in batches:
+            ref, metrics = ref_step(ref, batch)
+            ref_losses.append(float(metrics["loss"]))
+        rtol = sharded_tolerance(name)
+        pairs = zip(tree_leaves(gathered[:3]), tree_leaves(ref[:3]), strict=True)
+        report["worst_of_scale"] = max(
+            float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+            for a, b in pairs if b.is_floating_point() and b.numel()
+        )
+        try:
+            assert int(gathered.step) == len(batches)
+            for part in ("params", "opt_state", "state"):
+                assert_close_to_scale(getattr(gathered, part), getattr(ref, part), rtol)
+            assert_trees_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=rtol)
+            report["error"] = None
+        except AssertionError as error:
+            report["error"] = str(error)
+    print(json.dumps(report), flush=True)
+
+# BatchNorm both ways on a conv net, with a user placement that splits a weight on dim 1:
+# synchronised statistics equal one process; per-shard ones equal the data-parallel step.
+from torch.distributed.tensor import Shard
+from functorch_diary import Model, optim
+from tests.helpers import SmallBNNet
+model, opt = Model(SmallBNNet), optim.sgd(0.1, momentum=0.9)
+whole = init_train_state(model, opt, seed=0, dtype=torch.float64)
+gen = torch.Generator().manual_seed(1)
+batches = [(torch.randn(8, 1, 8, 8, generator=gen, dtype=torch.float64), torch.arange(8) % 10)
+           for _ in range(3)]
+placements = {"head.weight": Shard(1), "features.1.*": Shard(0)}
+for name, sync, ref_step in [
+    ("bn-synchronised", True, make_train_step(model, nn.functional.cross_entropy, opt)),
+    ("bn-per-shard", False,
+     distributed.make_data_parallel_train_step(model, nn.functional.cross_entropy, opt)),
+]:
+    ts = sharded.shard_train_state(whole, mesh, placements, min_numel=1)
+    step = sharded.make_sharded_train_step(
+        model, nn.functional.cross_entropy, opt, sync_batch_norm=sync)
+    ref = whole
+    for batch in batches:
+        local = distributed.shard(batch, world.rank, world.world_size)
+        ts, _ = step(ts, local)
+        ref, _ = ref_step(ref, batch if sync else local)
+    gathered = sharded.gather_train_state(ts)
+    report = {"case": name, "rank": world.rank,
+              "placements": {k: str(v.placements[0]) for k, v in ts.params.items()}}
+    try:
+        assert_close_to_scale(gathered[:3], ref[:3], 1e-12)
+        report["error"] = None
+    except AssertionError as error:
+        report["error"] = str(error)
+    print(json.dumps(report), flush=True)
+torch.distributed.destroy_process_group()
+"""
+
+CASES = [
+    "mlp-sgdm-float64",
+    "mlp-adamw-float64",
+    "lenet-sgdm-float64",
+    "lenet-adamw-float64",
+    "resnet18-sgdm-float64",
+    "resnet18-adamw-float64",
+    "mlp-groups-float64",
+    "mlp-frozen-float64",
+    "mlp-sgdm-float32",
+    "lenet-adamw-float32",
+]
+
+
+def _reports(stdout: list[str]) -> dict[tuple[str, int], dict]:
+    lines = [json.loads(line) for out in stdout for line in out.splitlines() if line[:1] == "{"]
+    return {(r["case"], r["rank"]): r for r in lines}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    script = tmp_path_factory.mktemp("sharded") / "worker.py"
+    script.write_text(_WORKER)
+    return _reports(run_ranks(script, 2, CASES, timeout=600))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_two_ranks_equal_one_process_on_the_whole_batch(two_ranks, name):
+    report = two_ranks[name, 0]
+    print(f"{name}: {report['seconds']} s on rank 0, worst {report['worst_of_scale']:.2g}")
+    assert report["error"] is None, report["error"]
+
+
+@pytest.mark.parametrize("name", ["mlp-adamw-float64", "resnet18-adamw-float64"])
+def test_each_rank_holds_about_half_of_params_and_optimizer_state(two_ranks, name):
+    for rank in (0, 1):
+        report = two_ranks[name, rank]
+        # Large leaves are halved; small ones (biases, the MLP's 10x32 head) are replicated.
+        assert "S(0)" in report["placements"].values()
+        assert "R" in report["placements"].values()
+        bound = 0.6 if name.startswith("mlp") else 0.51
+        assert 0.45 < report["params_share"] < bound, report
+        assert 0.45 < report["opt_share"] < bound, report
+
+
+def test_placement_rule_and_user_placements():
+    tree = {
+        "fc.weight": torch.ones(64, 32),
+        "fc.bias": torch.ones(64),
+        "tiny.weight": torch.ones(1, 2048),
+        "step": torch.zeros((), dtype=torch.int64),
+    }
+    assert sharded.placements_for(tree, 2) == {
+        "fc.weight": Shard(0),
+        "fc.bias": Replicate(),  # fewer than DEFAULT_MIN_NUMEL elements
+        "tiny.weight": Replicate(),  # fewer rows than ranks
+        "step": Replicate(),  # 0-dim, integer
+    }
+    assert sharded.placements_for(tree, 2, min_numel=1)["fc.bias"] == Shard(0)
+    chosen = sharded.placements_for(tree, 2, {"fc.*": Replicate(), "fc.weight": Shard(1)})
+    assert chosen["fc.weight"] == Replicate()  # the first selector that picks a leaf wins
+    assert sharded.placements_for(tree, 2, {"fc.weight": Shard(1)})["fc.weight"] == Shard(1)
+    with pytest.raises(ValueError, match=r"leaf 'fc.bias' of shape \(64,\) cannot take"):
+        sharded.placements_for(tree, 2, {"fc.bias": Shard(1)})
+    with pytest.raises(ValueError, match="matches no leaf"):
+        sharded.placements_for(tree, 2, {"conv.*": Replicate()})
+
+
+def test_make_mesh_without_a_process_group_says_what_to_do():
+    with pytest.raises(sharded.DistributedError, match="init_from_env"):
+        sharded.make_mesh()
+
+
+_DYING_WORKER = """
+import os, sys, torch
+from torch import nn
+from functorch_diary import data, init_train_state, models, optim
+from functorch_diary.training import distributed, sharded
+
+world = distributed.init_from_env("gloo", timeout_s=float(sys.argv[1]))
+model, opt = models.mlp(in_features=64, hidden=(32,), num_classes=10), optim.sgd(0.1)
+ts = sharded.shard_train_state(init_train_state(model, opt, seed=0), sharded.make_mesh())
+calls = []
+
+def loss_fn(outputs, targets):
+    calls.append(1)
+    if world.rank == 1 and len(calls) == 3:
+        os._exit(7)  # dies mid-step: after the all-gathers, before the reduce-scatters
+    return nn.functional.cross_entropy(outputs, targets)
+
+step = sharded.make_sharded_train_step(model, loss_fn, opt)
+for i in range(50):
+    ts, _ = step(ts, distributed.shard(data.digits_batch(i, 16), world.rank, world.world_size))
+print("finished", flush=True)
+"""
+
+
+def test_a_rank_dying_mid_step_makes_the_other_fail_clearly_and_quickly(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_DYING_WORKER)
+    timeout_s = 20
+    procs = start_ranks(script, 2, [str(timeout_s)])
+    _, err1 = procs[1].communicate(timeout=300)
+    died_at = time.monotonic()
+    try:
+        out0, err0 = procs[0].communicate(timeout=3 * timeout_s)
+    finally:
+        procs[0].kill()
+    waited = time.monotonic() - died_at
+    assert procs[1].returncode == 7, err1
+    assert procs[0].returncode != 0 and "finished" not in out0
+    assert "DistributedError: rank 0 of 2: sharded step failed in a collective" in err0, err0
+    assert "another rank has probably died" in err0
+    print(f"rank 0 failed {waited:.1f}s after rank 1 died")
+    assert waited < 2 * timeout_s, f"rank 0 took {waited:.1f}s to notice"
+
+
+def test_torchrun_shard_trains_sharded_and_equals_one_process(tmp_path):
+    out = tmp_path / "sharded.ckpt"
+    # The launcher, as a user runs it: torchrun starts 2 ranks of the module.
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "functorch_diary.cli.distributed", "--shard", "--steps", "4", "--batch-size", "16",
+         "--optimizer", "adam", "--lr", "0.01", "--dtype", "float64", "--out", str(out)],
+        check=True, env=rank_env(), cwd=tmp_path, timeout=300, capture_output=True,
+    )  # fmt: skip
+    model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
+    opt = optim.adam(0.01)
+    ts = fd.init_train_state(model, opt, seed=0, dtype=torch.float64)
+    step = fd.make_train_step(model, nn.functional.cross_entropy, opt)
+    for i in range(4):
+        ts, _ = step(ts, data.digits_batch(i, 16, 0, torch.float64))
+    assert checkpoint.read_metadata(out) == {"world_size": 2, "sharded": True}
+    got = checkpoint.load(out)
+    assert int(got.step) == 4
+    fd.assert_trees_close(got.params, ts.params, rtol=1e-12, atol=1e-15)
+    fd.assert_trees_close(got.opt_state, ts.opt_state, rtol=1e-12, atol=1e-15)
+
+
+@pytest.fixture
+def one_rank_group():
+    torch.distributed.init_process_group(
+        "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
+    )
+    try:
+        yield sharded.make_mesh()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_on_one_rank_the_sharded_step_is_the_step_bit_for_bit_and_pure(one_rank_group):
+    model = fd.Model(SmallBNNet)
+    opt = optim.adamw(1e-2, weight_decay=0.1)
+    whole = fd.init_train_state(model, opt, seed=0, dtype=torch.float64)
+    ts = sharded.shard_train_state(whole, one_rank_group, min_numel=1)
+    before = fd.tree.tree_clone(sharded.gather_train_state(ts))
+    step = sharded.make_sharded_train_step(model, nn.functional.cross_entropy, opt)
+    ref_step = fd.make_train_step(model, nn.functional.cross_entropy, opt)
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64), torch.arange(6) % 10)
+    new, metrics = step(ts, batch)
+    ref, ref_metrics = ref_step(whole, batch)
+    fd.assert_trees_close(sharded.gather_train_state(new), ref)
+    fd.assert_trees_close(metrics["loss"], ref_metrics["loss"])
+    fd.assert_trees_close(sharded.gather_train_state(ts), before)  # the input is untouched
+    for leaf in fd.tree.tree_leaves((new, metrics)):
+        local = leaf.to_local() if isinstance(leaf, DTensor) else leaf
+        assert not local.requires_grad and local.grad_fn is None
+    assert {type(leaf) for leaf in fd.tree.tree_leaves((new.params, new.state))} == {DTensor}
+
+
+def test_empty_train_state_is_placed_like_a_sharded_one(one_rank_group):
+    model, opt = fd.Model(SmallBNNet), optim.sgd(0.1, momentum=0.9)
+    empty = sharded.empty_train_state(model, opt, one_rank_group, dtype=torch.float64)
+    full = sharded.shard_train_state(
+        fd.init_train_state(model, opt, dtype=torch.float64), one_rank_group
+    )
+    describe = lambda tree: [  # noqa: E731
+        (path, type(x), tuple(x.shape), x.dtype, getattr(x, "placements", None))
+        for path, x in fd.tree.tree_flatten_with_paths(tree)
+    ]
+    assert describe(empty) == describe(full)
+
+
+@pytest.mark.parametrize("name", ["bn-synchronised", "bn-per-shard"])
+def test_batch_norm_policies_and_a_dim_1_placement(two_ranks, name):
+    for rank in (0, 1):
+        report = two_ranks[name, rank]
+        assert report["placements"]["head.weight"] == "S(1)"
+        assert report["placements"]["features.1.weight"] == "S(0)"
+        # synchronised: the single process on the whole batch; per shard: data parallel
+        assert report["error"] is None, report["error"]
