@@ -134,8 +134,11 @@ def test_gan_and_ensemble_steps_return_values_from_parameter_leaves():
     gs = gan.GANState(as_parameters(gs.generator), as_parameters(gs.critic))
     critic = gan.make_critic_step(g, d, gan.wasserstein_critic_loss, optim.adam(1e-3))
     generator = gan.make_generator_step(g, d, gan.wasserstein_generator_loss, optim.adam(1e-3))
-    gs, m1 = critic(gs, torch.randn(4, 3), torch.randn(4, 2))
-    gs, m2 = generator(gs, torch.randn(4, 2))
+    real, z1, z2 = torch.randn(4, 3), torch.randn(4, 2), torch.randn(4, 2)
+    before = torch.get_rng_state()
+    gs, m1 = critic(gs, real, z1)
+    gs, m2 = generator(gs, z2)
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator untouched
     assert not _autograd_leaves((gs, m1, m2))
     model = Model(lambda: nn.Linear(3, 2))
     members = ensemble.init_ensemble(model, optim.sgd(0.1), seeds=[0, 1])

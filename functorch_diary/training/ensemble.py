@@ -112,9 +112,10 @@ def make_ensemble_train_step(
     ``fold_in(rng_i, step)``, its own BatchNorm statistics).
 
     The optimiser runs once on the stacked trees: its ``torch._foreach`` kernels have no
-    ``vmap`` batching rule, and for an element-wise optimiser (every one in
-    :mod:`functorch_diary.optim`) updating the stack is updating each member. One that
-    mixes elements of a leaf (a per-leaf norm, LAMB-style) would mix members: don't.
+    ``vmap`` batching rule, and for an element-wise optimiser (SGD, Adam and every other
+    named one except ``adafactor`` and ``muon``) updating the stack is updating each
+    member. One that mixes elements of a leaf (Adafactor's factored moments, Muon's
+    orthogonalisation, a per-leaf norm) would mix members: don't.
 
     Args:
         model, loss_fn, optimizer: as for :func:`~functorch_diary.make_train_step`.
