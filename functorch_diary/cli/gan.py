@@ -29,6 +29,7 @@ one critic step per generator step, for 3000 steps.
 Example (a tiny run; then the trained generator from its last checkpoint):
     >>> import tempfile
     >>> from pathlib import Path
+from typing import Any
     >>> from functorch_diary.cli import gan, main
     >>> out = Path(tempfile.mkdtemp())
     >>> main(["gan", "sngan", "--steps", "2", "--width", "2", "--batch-size", "4",
@@ -52,6 +53,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +68,14 @@ from ..training import gan
 from ..training.loggers import TensorBoard
 from ..training.projections import Projection, clip_params
 from ..zoo.models.dcgan import dcgan_discriminator, dcgan_generator
-from .args import device, non_negative_float, non_negative_int, output_dir, positive_int
+from .args import (
+    device,
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    positive_int,
+    unit_interval,
+)
 from .errors import CliError, failure
 
 
@@ -175,6 +184,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--width", type=positive_int, help="feature maps of the networks")
     parser.add_argument("--lr", type=non_negative_float, help="both networks' learning rate")
     parser.add_argument("--n-critic", type=positive_int, help="critic steps per generator step")
+    parser.add_argument(
+        "--ema",
+        type=unit_interval,
+        metavar="DECAY",
+        help="also keep an exponential moving average of the generator (torch's "
+        "AveragedModel with get_ema_multi_avg_fn(DECAY), buffers included) and sample from it "
+        "into samples_ema.png",
+    )
     parser.add_argument("--seed", type=non_negative_int, help="default 0")
     parser.add_argument(
         "--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu"
@@ -198,13 +215,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 #: Settings a run is defined by; a resumed run takes them from its checkpoint.
-_SETTINGS = ("batch_size", "image_size", "latent_dim", "width", "lr", "n_critic", "seed")
-_FIXED = {"image_size": 28, "latent_dim": 64, "seed": 0}
+_SETTINGS = ("batch_size", "image_size", "latent_dim", "width", "lr", "n_critic", "seed", "ema")
+_FIXED = {"image_size": 28, "latent_dim": 64, "seed": 0, "ema": None}
 
 
 def _settings(recipe: GANRecipe, args: argparse.Namespace, saved: dict | None) -> dict:
     """The run's settings: the checkpoint's when resuming, else the options or defaults."""
     given = {k: getattr(args, k) for k in ("steps", *_SETTINGS) if getattr(args, k) is not None}
+    saved = saved if saved is None else {"ema": None, **saved}
     if saved is not None:
         for key, value in given.items():
             if key != "steps" and value != saved[key]:
@@ -275,10 +293,17 @@ def build(
 
 def sample(generator: Model, gs: gan.GANState, n: int, latent_dim: int, seed: int = 0) -> Tensor:
     """``n`` images from the generator in eval mode, from noise seeded by ``seed``; (-1, 1)."""
-    params = gs.generator.params
+    return sample_from(generator, gs.generator.params, gs.generator.state, n, latent_dim, seed)
+
+
+def sample_from(
+    generator: Model, params: dict, state: dict, n: int, latent_dim: int, seed: int = 0
+) -> Tensor:
+    """``n`` images from ``generator`` with these params and state (the trained ones, or
+    their moving average), in eval mode, from noise seeded by ``seed``; (-1, 1)."""
     device = next(iter(params.values())).device
     z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
-    images, _ = generator.apply(params, gs.generator.state, z.to(device), train=False)
+    images, _ = generator.apply(params, state, z.to(device), train=False)
     return images.detach().cpu()
 
 
@@ -287,13 +312,29 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted((folder / "checkpoints").glob("step_*.ckpt"))
 
 
+def _ema(cfg: dict, gs: gan.GANState) -> tuple[optim.Averager | None, Any]:
+    """The ``--ema`` averager and its starting average (both ``None`` without ``--ema``)."""
+    if cfg.get("ema") is None:
+        return None, None
+    averager = optim.averaged_model(
+        multi_avg_fn=optim.ema_multi_avg_fn(cfg["ema"]), use_buffers=True
+    )
+    return averager, averager.init(gs.generator.params, gs.generator.state)
+
+
 def load_run(path: Path) -> tuple[gan.GANState, dict, Model]:
     """``(gan_state, settings, generator)`` from a checkpoint written by this command."""
-    cfg = checkpoint.read_metadata(path)["config"]
+    return load_run_with_average(path)[:3]
+
+
+def load_run_with_average(path: Path) -> tuple[gan.GANState, dict, Model, Any]:
+    """:func:`load_run` plus the ``--ema`` average of the generator (``None`` without)."""
+    cfg = {"ema": None, **checkpoint.read_metadata(path)["config"]}
     recipe = RECIPES[cfg["variant"]]
     generator, gs, _ = build(recipe, cfg, "cpu")
-    tree = checkpoint.load(path, like={"gan_state": gs, "data_rng": torch.Generator().get_state()})
-    return tree["gan_state"], cfg, generator
+    like = {"gan_state": gs, "data_rng": torch.Generator().get_state(), "ema": _ema(cfg, gs)[1]}
+    tree = checkpoint.load(path, like=like)
+    return tree["gan_state"], cfg, generator, tree["ema"]
 
 
 def _save_grid(samples: Tensor, path: Path, scale: int) -> None:
@@ -348,9 +389,11 @@ def run(args: argparse.Namespace) -> int:
     # All the loop's randomness from one generator on the CPU: the run is reproducible
     # from --seed, and its state is checkpointed so a resumed run draws what it would have.
     rand = torch.Generator().manual_seed(cfg["seed"])
+    averager, ema = _ema(cfg, gs)
     if saved is not None:
-        tree = checkpoint.load(found[-1], like={"gan_state": gs, "data_rng": rand.get_state()})
-        gs = tree["gan_state"]
+        like = {"gan_state": gs, "data_rng": rand.get_state(), "ema": ema}
+        tree = checkpoint.load(found[-1], like=like)
+        gs, ema = tree["gan_state"], tree["ema"]
         rand.set_state(tree["data_rng"])
     first = len(history)
     n_critic, b, latent_dim = cfg["n_critic"], cfg["batch_size"], cfg["latent_dim"]
@@ -366,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
     def save_checkpoint() -> None:
         t = len(history)
         path = out / "checkpoints" / f"step_{t:08d}.ckpt"
-        tree = {"gan_state": gs, "data_rng": rand.get_state()}
+        tree = {"gan_state": gs, "data_rng": rand.get_state(), "ema": ema}
         meta = {"config": cfg, "step": t, "metrics": names, "history": history}
         checkpoint.save(path, tree, metadata=meta)
         for old in checkpoints(out)[: -args.keep]:
@@ -388,6 +431,8 @@ def run(args: argparse.Namespace) -> int:
             gs, metrics = step(
                 gs, images[index.to(args.device)], zs.to(args.device), alphas.to(args.device)
             )
+            if ema is not None:
+                ema = averager.update(ema, gs.generator.params, gs.generator.state)
             row = [t, *(metrics[n].item() for n in names)]
             if not all(math.isfinite(v) for v in row):
                 values = dict(zip(names, row[1:], strict=True))
@@ -406,6 +451,9 @@ def run(args: argparse.Namespace) -> int:
     if not checkpoints(out) or checkpoints(out)[-1].name != f"step_{len(history):08d}.ckpt":
         save_checkpoint()
     _save_grid(sample(generator, gs, 64, latent_dim), out / "samples.png", scale=3)
+    if ema is not None:
+        averaged = sample_from(generator, ema.params, ema.state, 64, latent_dim)
+        _save_grid(averaged, out / "samples_ema.png", scale=3)
     if history:
         _save_plot(out / "metrics.png", names, history, f"{recipe.name} on the digits")
     last = ", ".join(

@@ -142,3 +142,29 @@ def test_image_size_32_and_unknown_variant(tmp_path):
     assert Image.open(tmp_path / "samples.png").size == (3 * (8 * 34 + 2),) * 2
     with pytest.raises(SystemExit):
         main(["gan", "dcgan"])
+
+
+def test_ema_generator_is_torch_s_averaged_model_of_the_trained_one(tmp_path):
+    """--ema keeps AveragedModel(get_ema_multi_avg_fn(decay), use_buffers=True) of the
+    generator, resumes with it and samples from it; the torch twin replays the run's
+    checkpointed generators."""
+    from torch.optim import swa_utils
+
+    out = tmp_path / "run"
+    argv = ["gan", "sngan", "--steps", "3", "--ema", "0.8", "--checkpoint-every", "1"]
+    assert main([*argv, "--keep", "5", "--out", str(out), *TINY]) == 0
+    assert (out / "samples_ema.png").exists()
+    states = [gan_cli.load_run(path)[0] for path in gan_cli.checkpoints(out)]
+    generator = gan_cli.load_run(gan_cli.checkpoints(out)[0])[2]
+    module = generator.factory()
+    twin = swa_utils.AveragedModel(
+        module, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.8), use_buffers=True
+    )
+    for gs in states:
+        module.load_state_dict(generator.state_dict(gs.generator.params, gs.generator.state))
+        twin.update_parameters(module)
+    final = gan_cli.load_run_with_average(gan_cli.checkpoints(out)[-1])[3]
+    want = dict(twin.module.state_dict())
+    got = {**final.params, **final.state}
+    assert_trees_close(got, {k: want[k] for k in got}, rtol=1e-6, atol=1e-7)
+    assert int(final.n_averaged) == 3
