@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -285,6 +286,7 @@ def make_train_step(
     compile_backend: str | Callable = "inductor",
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    compile_cache: str | os.PathLike | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
     """Build ``step(train_state, (inputs, targets)) -> (train_state, {"loss": ...})``.
 
@@ -310,6 +312,10 @@ def make_train_step(
             stay in the params' dtype.
         channels_last: keep 4-D inputs, weights and optimiser buffers in NHWC memory
             order (faster convolutions on recent GPUs and oneDNN CPUs).
+        compile_cache: a directory for torch's persistent compile caches (FX graph and
+            AOTAutograd caches, portable artifacts): a later process building the same
+            step loads it instead of compiling it again
+            (:func:`~functorch_diary.training.compile.use_compile_cache`; process-wide).
 
     Raises:
         ValueError: an unknown ``compile_mode`` or ``autocast_dtype``.
@@ -332,7 +338,9 @@ def make_train_step(
     step = build_step(
         model, loss_fn, optimizer, autocast_dtype=autocast_dtype, channels_last=channels_last
     )
-    return with_compile_policy(step, compile, compile_mode, compile_backend, channels_last)
+    return with_compile_policy(
+        step, compile, compile_mode, compile_backend, channels_last, compile_cache
+    )
 
 
 def make_eval_step(
@@ -344,6 +352,7 @@ def make_eval_step(
     compile_backend: str | Callable = "inductor",
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    compile_cache: str | os.PathLike | None = None,
 ) -> Callable[[TrainState, Batch], tuple[Any, dict[str, Tensor]]]:
     """Build ``eval_step(train_state, (inputs, targets)) -> (outputs, metrics)``.
 
@@ -363,4 +372,6 @@ def make_eval_step(
             metrics = {} if loss_fn is None else {"loss": loss_fn(outputs, targets)}
         return values_out((outputs, metrics))
 
-    return with_compile_policy(eval_step, compile, compile_mode, compile_backend, channels_last)
+    return with_compile_policy(
+        eval_step, compile, compile_mode, compile_backend, channels_last, compile_cache
+    )
