@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..tree import PyTree, tree_add, tree_leaves, tree_map, tree_scale
-from .base import GradientTransformation
+from .base import GradientTransformation, updates_where
 
 __all__ = ["AccumulateState", "accumulate_gradients"]
 
@@ -75,11 +75,12 @@ def accumulate_gradients(
         emit = micro >= every_k
         grads = tree_scale(grad_sum, 1.0 / every_k) if average else grad_sum
         stepped, new_inner = inner.update(grads, state.inner, params)
-        out = tree_map(lambda u: torch.where(emit, u, -0.0), stepped)
         kept_inner = optree.tree_map(
             lambda new, old: torch.where(emit, new, old), new_inner, state.inner, none_is_leaf=False
         )
         reset = tree_map(lambda g: torch.where(emit, 0.0, g), grad_sum)
-        return out, AccumulateState(torch.where(emit, 0, micro), reset, kept_inner)
+        return updates_where(emit, stepped), AccumulateState(
+            torch.where(emit, 0, micro), reset, kept_inner
+        )
 
     return GradientTransformation(init, update)

@@ -28,12 +28,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Protocol
 
+import torch
 from torch import Tensor
 
-from ..model.checks import LeafSpec, check_leaves
-from ..tree import PyTree, tree_add
+from ..model.checks import LeafSpec, TreeMismatchError, check_leaves
+from ..tree import PyTree, tree_add, tree_map
 
 __all__ = [
+    "NO_UPDATE",
     "EmptyState",
     "GradientTransformation",
     "TransformInitFn",
@@ -41,7 +43,9 @@ __all__ = [
     "apply_gradients",
     "apply_updates",
     "chain",
+    "check_grads",
     "identity",
+    "updates_where",
 ]
 
 
@@ -90,14 +94,28 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params: PyTree) -> tuple[Any, ...]:
         return tuple(t.init(params) for t in transforms)
 
+    made: list[tuple[type | None, ...]] = []  # the stage state types init makes, found once
+
+    def check_state(state: Any) -> None:
+        """A state from another optimiser fails here, naming both, before any stage reads a
+        field it does not have."""
+        if not made:
+            made.append(tuple(_state_type(t) for t in transforms))
+        got = tuple(map(type, state)) if isinstance(state, tuple) else (type(state),)
+        if len(got) != len(made[0]) or any(
+            want is not None and have is not want for have, want in zip(got, made[0], strict=True)
+        ):
+            names = ", ".join(t.__name__ if t is not None else "?" for t in made[0])
+            raise TreeMismatchError(
+                f"optimiser state: got a state of stages ({', '.join(t.__name__ for t in got)}), "
+                f"but this optimiser's init makes ({names}); was it made by another "
+                "optimiser's init? Initialise it with this optimiser's init(params)"
+            )
+
     def run(
         stages: tuple[GradientTransformation, ...], updates: PyTree, state: tuple[Any, ...], params
     ) -> tuple[PyTree, list[Any]]:
-        if len(state) != len(transforms):
-            raise ValueError(
-                f"chain of {len(transforms)} transformations got a state of {len(state)} parts; "
-                "was it made by this optimiser's init?"
-            )
+        check_state(state)
         new_state = []
         # stages may be all but the last transform (update_and_apply runs that one itself).
         for transform, inner in zip(stages, state, strict=False):
@@ -108,6 +126,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def update(
         updates: PyTree, state: tuple[Any, ...], params: PyTree | None = None
     ) -> tuple[PyTree, tuple[Any, ...]]:
+        # Called directly (the optax way), update checks what apply_gradients checks.
+        check_grads(params, updates)
         updates, new_state = run(transforms, updates, state, params)
         return updates, tuple(new_state)
 
@@ -149,13 +169,37 @@ def apply_gradients(
         >>> params
         {'w': tensor([0.9000, 2.1000])}
     """
-    if not _grads_fit(params, grads):
-        # Checked before the step: broadcasting or type promotion would run it on the wrong
-        # tree, and a kernel's "size of tensor a (3) must match ..." names no leaf.
-        _check_grads_like(params, grads)
+    check_grads(params, grads)
     if optimizer.update_and_apply is not None:
         return optimizer.update_and_apply(grads, opt_state, params)
     return update_then_apply(optimizer.update, grads, opt_state, params)
+
+
+def _state_type(transform: GradientTransformation) -> type | None:
+    """The type of the state ``transform.init`` makes (from an empty tree), or ``None``
+    where that cannot be found without params (a mask that must match some leaf)."""
+    try:
+        return type(transform.init({}))
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def check_grads(params: PyTree | None, grads: PyTree) -> None:
+    """Raise :class:`TreeMismatchError` naming the first gradient whose key, shape, dtype or
+    device is not its param's (``params=None``: nothing to check against).
+
+    Checked before a step: broadcasting or type promotion would run it on the wrong tree,
+    and a kernel's "size of tensor a (3) must match ..." names no leaf.
+
+    Example:
+        >>> import torch
+        >>> check_grads({"w": torch.ones(3)}, {"w": torch.ones(1)})
+        Traceback (most recent call last):
+        ...
+        functorch_diary.model.checks.TreeMismatchError: ...
+    """
+    if params is not None and not _grads_fit(params, grads):
+        _check_grads_like(params, grads)
 
 
 def _grads_fit(params: PyTree, grads: PyTree) -> bool:
@@ -201,3 +245,24 @@ def update_then_apply(
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """``params + updates``, leaf by leaf, as new tensors (params are not modified)."""
     return tree_add(params, updates)
+
+
+#: The update that leaves a param as it is, bit for bit, under :func:`apply_updates`:
+#: ``p + (-0.0)`` is ``p`` for every float ``p``, ``-0.0`` and NaN included (``p + 0.0``
+#: would turn ``-0.0`` into ``+0.0``). Skipped, frozen and accumulating steps emit it, so
+#: ``update`` + ``apply_updates`` keeps such a leaf exactly as ``apply_gradients`` does.
+NO_UPDATE = -0.0
+
+
+def updates_where(condition: Tensor, updates: PyTree) -> PyTree:
+    """``updates`` where ``condition`` (a 0-dim bool tensor) holds, else :data:`NO_UPDATE`,
+    chosen with ``torch.where`` (no host sync, one graph under compile).
+
+    Example:
+        >>> import torch
+        >>> p = {"w": torch.tensor([-0.0, 1.0])}
+        >>> skipped = updates_where(torch.tensor(False), {"w": torch.tensor([2.0, 2.0])})
+        >>> apply_updates(p, skipped)["w"]
+        tensor([-0., 1.])
+    """
+    return tree_map(lambda u: torch.where(condition, u, NO_UPDATE), updates)

@@ -5,8 +5,8 @@ params and new state, and on a CPU writing to a second buffer costs several time
 in-place pass over the same data (a 2-core Xeon, one thread: ``torch.mul(x, c, out=y)``
 over 45 MB takes 3.7x ``x.mul_(c)``). So the fewer passes a step makes, the better:
 
-- SGD, Adam, AdamW and Adagrad copy params and state into fresh tensors and run torch's
-  own fused CPU kernel (``torch._fused_sgd_``, ``_fused_adam_``, ``_fused_adamw_``,
+- SGD with momentum, Adam, AdamW and Adagrad copy params and state into fresh tensors and
+  run torch's own fused CPU kernel (``torch._fused_sgd_``, ``_fused_adam_``, ``_fused_adamw_``,
   ``_fused_adagrad_``: what ``torch.optim.Adam(fused=True)`` runs) in place on the
   copies. Each element is then read and written once more, instead of once per
   ``foreach`` pass (Adam makes seven). The result is ``torch.optim``'s ``fused=True``
@@ -20,7 +20,7 @@ over 45 MB takes 3.7x ``x.mul_(c)``). So the fewer passes a step makes, the bett
 The kernels index raw memory, so every tensor of a leaf must share the param's shape,
 dtype and strides: :func:`runs_on` checks the first two, and gradients laid out
 differently are copied into the param's layout. The callers (the ``update_and_apply`` of
-:func:`~functorch_diary.optim.sgd`, :func:`~functorch_diary.optim.scale_by_adam`,
+:func:`~functorch_diary.optim.trace`, :func:`~functorch_diary.optim.scale_by_adam`,
 :func:`~functorch_diary.optim.scale_by_rms` and :func:`~functorch_diary.optim.scale_by_rss`)
 check first that this is plain eager code (:mod:`.fast_path`).
 """
@@ -137,16 +137,15 @@ def sgd(
     dampening: float,
     nesterov: bool,
     weight_decay: float,
-    maximize: bool,
     first_step: bool,
 ) -> tuple[list[Tensor], list[Tensor] | None]:
-    """One step of ``torch.optim.SGD``, ``fused=True``: weight decay, momentum and ``-lr``
-    in one kernel.
+    """One step of ``torch.optim.SGD`` with momentum, ``fused=True``: weight decay, momentum
+    and ``-lr`` in one kernel (``maximize`` comes before it, as its own stage).
 
     Args:
         params, grads: leaf lists.
         buffers: the momentum buffers, or ``None`` without momentum.
-        lr, momentum, dampening, nesterov, weight_decay, maximize: torch's options.
+        lr, momentum, dampening, nesterov, weight_decay: torch's options.
         first_step: the buffers are new: the kernel sets them to the gradient.
 
     Returns:
@@ -155,8 +154,7 @@ def sgd(
     Example:
         >>> import torch
         >>> p, b = sgd([torch.ones(1)], [torch.ones(1)], [torch.zeros(1)], lr=0.5,
-        ...     momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0,
-        ...     maximize=False, first_step=True)
+        ...     momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, first_step=True)
         >>> p[0], b[0]
         (tensor([0.5000]), tensor([1.]))
     """
@@ -171,7 +169,7 @@ def sgd(
         lr=lr,
         dampening=dampening,
         nesterov=nesterov,
-        maximize=maximize,
+        maximize=False,
         is_first_step=first_step,
     )
     return new_params, new_buffers if buffers is not None else None

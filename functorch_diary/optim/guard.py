@@ -4,7 +4,9 @@ One bad batch (a ``log(0)``, an exploding GAN critic) writes NaN into every weig
 into the optimiser's moments, and the run is lost. Two pieces stop that:
 
 - :func:`apply_if_finite` wraps any optimiser (like ``optax.apply_if_finite``). When a
-  gradient leaf holds NaN/inf, the update is zero, the wrapped optimiser's state is
+  gradient leaf holds NaN/inf, the update is ``-0.0``
+  (:data:`~functorch_diary.optim.base.NO_UPDATE`: params come back bit for bit, as from
+  ``apply_gradients``), the wrapped optimiser's state is
   kept as it was, and the counters in :class:`FiniteGuardState` go up. It works with the
   plain :func:`~functorch_diary.make_train_step`; there the model state (BatchNorm
   statistics) of a bad step is still kept.
@@ -28,7 +30,7 @@ Example:
     >>> state = opt.init(params)
     >>> updates, state = opt.update({"w": torch.tensor([1.0, float("nan")])}, state, params)
     >>> updates["w"], int(state.skipped), int(state.consecutive)
-    (tensor([0., 0.]), 1, 1)
+    (tensor([-0., -0.]), 1, 1)
     >>> updates, state = opt.update({"w": torch.ones(2)}, state, params)
     >>> updates["w"], int(state.skipped), int(state.consecutive)
     (tensor([-0.1000, -0.1000]), 1, 0)
@@ -41,8 +43,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from ..tree import PyTree, tree_flatten_with_paths, tree_leaves, tree_map, tree_where
-from .base import GradientTransformation, apply_gradients
+from ..tree import PyTree, tree_flatten_with_paths, tree_leaves, tree_where
+from .base import GradientTransformation, apply_gradients, updates_where
 
 __all__ = [
     "FiniteGuardState",
@@ -116,7 +118,7 @@ def apply_if_finite(
 
     Args:
         inner: the optimiser to guard, e.g. ``optim.adam(1e-3)``.
-        on_nonfinite: ``"skip"`` (zero update, ``inner``'s state kept, counters + 1) or
+        on_nonfinite: ``"skip"`` (``-0.0`` update, ``inner``'s state kept, counters + 1) or
             ``"raise"`` (:class:`FloatingPointError` naming the bad leaves; eager only).
 
     Returns:
@@ -155,8 +157,7 @@ def apply_if_finite(
     def update(grads: PyTree, state: FiniteGuardState, params: PyTree | None = None):
         ok = check(grads, state)
         updates, inner_state = inner.update(grads, state.inner, params)
-        updates = tree_map(lambda u: torch.where(ok, u, torch.zeros_like(u)), updates)
-        return updates, guarded(ok, state, inner_state)
+        return updates_where(ok, updates), guarded(ok, state, inner_state)
 
     # apply_gradients takes inner's fused step, so a guarded step that applies is the
     # unguarded one to the bit.

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..tree import PyTree, Selector, select, tree_flatten_with_paths, tree_leaves
-from .base import EmptyState, GradientTransformation, apply_gradients, identity
+from .base import NO_UPDATE, EmptyState, GradientTransformation, apply_gradients, identity
 
 __all__ = [
     "MultiTransformState",
@@ -66,7 +66,7 @@ def set_to_zero() -> GradientTransformation:
 
     def update(updates: PyTree, state: EmptyState, params: PyTree | None = None):
         return optree.tree_map(
-            lambda u: torch.full_like(u, -0.0), updates, none_is_leaf=False
+            lambda u: torch.full_like(u, NO_UPDATE), updates, none_is_leaf=False
         ), state
 
     # Fused, a frozen leaf is simply the old tensor: nothing is written, nothing copied.

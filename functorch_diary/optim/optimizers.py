@@ -3,7 +3,8 @@
 Each takes the same arguments, with the same defaults, as its ``torch.optim`` twin;
 ``lr`` may also be a schedule ``step -> lr``. ``maximize=True`` negates the gradient
 first, exactly where torch does. Eager on a CPU, :func:`~functorch_diary.optim.apply_gradients`
-runs SGD, Adam, AdamW and Adagrad through torch's fused kernels (:mod:`.fused`).
+runs Adam, AdamW and Adagrad through torch's fused kernels (:mod:`.fused`) and folds the
+last stage of the others into the new params.
 
 Example:
     >>> import torch
@@ -17,23 +18,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from ..tree import PyTree, tree_leaves
-from . import fused
 from .base import GradientTransformation, chain
-from .fast_path import host_number
 from .transforms import (
     ScalarOrSchedule,
-    TraceState,
-    _advance,
-    _fast_path_inputs,
-    _like,
-    _lr_at,
     add_decayed_weights,
+    learning_rate_at,
     scale,
     scale_by_adam,
     scale_by_learning_rate,
@@ -75,50 +67,17 @@ def sgd(
         >>> opt.update({"w": torch.ones(1)}, opt.init(p), p)[0]
         {'w': tensor([0.5000])}
     """
-    stages = [*_maybe_negate(maximize), add_decayed_weights(weight_decay)]
-    # Negation and decay hand on new tensors; bare gradients are the caller's.
-    decayed = maximize or weight_decay != 0.0
-    if momentum != 0.0:
-        stages.append(trace(momentum, dampening, nesterov, fresh_updates=decayed))
-    elif nesterov:
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    # Plain momentum hands its buffer (its state) on; Nesterov's output is new.
-    fresh = nesterov if momentum != 0.0 else decayed
-    chained = chain(*stages, scale_by_learning_rate(lr, fresh_updates=fresh))
-    options = {
-        "momentum": momentum,
-        "dampening": dampening,
-        "nesterov": nesterov,
-        "weight_decay": weight_decay,
-        "maximize": maximize,
-    }
-
-    def update_and_apply(updates: PyTree, state: tuple[Any, ...], params: PyTree):
-        """torch's fused SGD kernel for the whole chain, on the CPU in plain eager code;
-        elsewhere the chain's own step (whose last kernel is fused with the apply)."""
-        if not (isinstance(state, tuple) and len(state) == len(stages) + 1):
-            return chained.update_and_apply(updates, state, params)  # it names the problem
-        *head, lr_state = state
-        buffers = head[-1] if momentum != 0.0 else None
-        read = (buffers.trace,) if buffers is not None else ()
-        grads, spec, base, now = _fast_path_inputs(updates, lr_state, params, lr, read)
-        # Read a count only once the fast path is known to run: under compile it would break.
-        steps_taken = host_number(buffers.count) if now is not None and buffers is not None else 0
-        if now is None or steps_taken is None:
-            return chained.update_and_apply(updates, state, params)
-        new_params, new_buffers = fused.sgd(
-            base,
-            grads,
-            tree_leaves(buffers.trace) if buffers is not None else None,
-            lr=now,
-            first_step=steps_taken == 0,
-            **options,
+    if not (momentum or nesterov):  # torch keeps no momentum buffer then
+        return chain(
+            *_maybe_negate(maximize),
+            add_decayed_weights(weight_decay),
+            scale_by_learning_rate(lr),
         )
-        if buffers is not None:
-            head[-1] = TraceState(buffers.count + 1, _like(spec, new_buffers))
-        return _like(spec, new_params), (*head, _advance(lr_state, lr))
-
-    return chained._replace(update_and_apply=update_and_apply)
+    return chain(
+        *_maybe_negate(maximize),
+        track_learning_rate(lr),  # before the last stage, which fuses with the apply
+        trace(momentum, dampening, nesterov, weight_decay=weight_decay, learning_rate=lr),
+    )
 
 
 def adam(
@@ -226,7 +185,7 @@ def rmsprop(
         return chain(*stages, track_learning_rate(lr), fused)
     # torch's momentum buffer starts at zero, so trace's "first buffer = input" is the same;
     # the RMS direction it gets is new.
-    stages += [scale_by_rms(alpha, eps, centered), trace(momentum, fresh_updates=True)]
+    stages += [scale_by_rms(alpha, eps, centered), trace(momentum)]
     return chain(*stages, scale_by_learning_rate(lr))
 
 
@@ -260,7 +219,7 @@ def adagrad(
     if lr_decay != 0.0:
         # torch's clr = lr / (1 + (step - 1) * lr_decay), in float64 like its Python floats.
         def decayed_lr(count: Tensor) -> Tensor:
-            return _lr_at(lr, count) / (1.0 + count.to(torch.float64) * lr_decay)
+            return learning_rate_at(lr, count) / (1.0 + count.to(torch.float64) * lr_decay)
 
     return chain(
         *_maybe_negate(maximize),

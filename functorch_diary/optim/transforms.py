@@ -46,6 +46,7 @@ __all__ = [
     "TraceState",
     "add_decayed_weights",
     "current_lr",
+    "learning_rate_at",
     "scale",
     "scale_by_adam",
     "scale_by_learning_rate",
@@ -89,18 +90,13 @@ def scale(factor: float) -> GradientTransformation:
     return GradientTransformation(lambda params: EmptyState(), update)
 
 
-def add_decayed_weights(
-    weight_decay: float, *, fresh_updates: bool = False
-) -> GradientTransformation:
+def add_decayed_weights(weight_decay: float) -> GradientTransformation:
     """``g + weight_decay * p``: torch.optim's (coupled, L2) ``weight_decay``.
 
     After ``scale_by_adam`` and before the learning rate it is AdamW's decoupled decay.
 
     Args:
         weight_decay: the decay factor (0 makes this stage a no-op).
-        fresh_updates: promise that the updates this stage receives are new tensors made
-            by the stage before it in the same call, so the decay may be added in place;
-            see :func:`scale_by_learning_rate`.
 
     Example:
         >>> import torch
@@ -114,11 +110,6 @@ def add_decayed_weights(
             return updates, state
         if params is None:
             raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
-        if fresh_updates:
-            leaves, spec = _flatten(updates)
-            if leaves:
-                torch._foreach_add_(leaves, spec.flatten_up_to(params), alpha=weight_decay)
-            return updates, state
         return tree_add(updates, params, alpha=weight_decay), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
@@ -136,7 +127,8 @@ def trace(
     dampening: float = 0.0,
     nesterov: bool = False,
     *,
-    fresh_updates: bool = False,
+    weight_decay: float = 0.0,
+    learning_rate: ScalarOrSchedule | None = None,
 ) -> GradientTransformation:
     """SGD's momentum buffer, exactly as ``torch.optim.SGD`` keeps it.
 
@@ -148,9 +140,12 @@ def trace(
         momentum: the momentum factor.
         dampening: how much of the gradient is held back from the buffer (after step 1).
         nesterov: use Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
-        fresh_updates: promise that the updates this stage receives are new tensors made
-            by the stage before it in the same call, so the new buffer may be built in
-            them (one allocation fewer per leaf); see :func:`scale_by_learning_rate`.
+        weight_decay: torch's (coupled) ``weight_decay``, ``g + weight_decay * p``, added
+            first: :func:`add_decayed_weights` inside this stage, so that the fused step
+            folds it into its one pass as torch's kernel does.
+        learning_rate: when given, the stage emits the whole update ``-lr * direction``
+            and has a fused ``update_and_apply``: torch's ``fused=True`` SGD kernel (decay,
+            momentum and ``-lr`` in one pass). Pair it with :func:`track_learning_rate`.
 
     Returns:
         A transformation whose state is a :class:`TraceState`.
@@ -169,27 +164,51 @@ def trace(
     def init(params: PyTree) -> TraceState:
         return TraceState(_zero_count(params), tree_map(torch.zeros_like, params))
 
+    decay = add_decayed_weights(weight_decay)
+
     def update(updates: PyTree, state: TraceState, params: PyTree | None = None):
+        updates, _ = decay.update(updates, EmptyState(), params)
         grads, spec = _flatten(updates)
         if not grads:
             return updates, TraceState(state.count + 1, state.trace)
-        if dampening == 0.0:
-            # The buffer starts at zeros, so momentum * 0 + g is exactly torch's first
-            # buffer (g itself): one fused pass, no step-dependent factor.
-            if fresh_updates and not nesterov:  # Nesterov still needs g after the buffer
-                buf = grads
-                torch._foreach_add_(buf, tree_leaves(state.trace), alpha=momentum)
-            else:
-                buf = torch._foreach_add(grads, tree_leaves(state.trace), alpha=momentum)
-        else:
-            # later = 0 on the first step, 1 after: 0 * buf + 1 * g is exactly g.
-            later = (state.count > 0).to(grads[0].dtype)
-            buf = torch._foreach_mul(tree_leaves(state.trace), momentum * later)
-            torch._foreach_add_(buf, torch._foreach_mul(grads, 1.0 - dampening * later))
+        # torch's kernels, in torch's rounding: buf * momentum, then + (1 - dampening) * g.
+        buf = torch._foreach_mul(tree_leaves(state.trace), momentum)
+        torch._foreach_add_(buf, grads, alpha=1.0 - dampening)
+        if dampening != 0.0:
+            # torch's first buffer is g itself (from zeros, that is the sum above only
+            # without dampening): chosen on the count tensor, not a Python branch.
+            first = state.count == 0
+            buf = [torch.where(first, g, b) for g, b in zip(grads, buf, strict=True)]
         out = torch._foreach_add(grads, buf, alpha=momentum) if nesterov else buf
+        if learning_rate is not None:
+            out = torch._foreach_mul(
+                out, _as_dtype(-learning_rate_at(learning_rate, state.count), out)
+            )
         return _like(spec, out), TraceState(state.count + 1, _like(spec, buf))
 
-    return GradientTransformation(init, update)
+    def update_and_apply(updates: PyTree, state: TraceState, params: PyTree):
+        grads, spec, base, lr = _fast_path_inputs(
+            updates, state, params, learning_rate, (state.trace,)
+        )
+        done = host_number(state.count) if lr is not None else None
+        if done is None:
+            return update_then_apply(update, updates, state, params)
+        new_params, buffers = fused.sgd(
+            base,
+            grads,
+            tree_leaves(state.trace),
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            first_step=done == 0,
+        )
+        return _like(spec, new_params), TraceState(state.count + 1, _like(spec, buffers))
+
+    return GradientTransformation(
+        init, update, update_and_apply if learning_rate is not None else None
+    )
 
 
 class ScaleByAdamState(NamedTuple):
@@ -281,14 +300,17 @@ def scale_by_adam(
             direction = torch._foreach_div(mu, denom)
         else:
             # torch's addcdiv: (step_size * m) / denom with step_size = -(lr / bc1) in float64.
-            lr = _lr_at(learning_rate, state.count)
+            lr = learning_rate_at(learning_rate, state.count)
             step_size = ((lr / (1.0 - b1**step)) * -1.0).to(grads[0].dtype)
             direction = torch._foreach_mul(mu, step_size)
             torch._foreach_div_(direction, denom)
             if decoupled_weight_decay:
                 if params is None:
                     raise ValueError("weight decay needs params: call update(grads, state, params)")
-                decay = (lr * -decoupled_weight_decay).to(grads[0].dtype)
+                # 0 - lr * wd, not -(lr * wd): at lr 0 the factor is +0.0, so a -0.0
+                # param's decay is -0.0 and the sum keeps the direction's sign, as torch's
+                # p * (1 - lr * wd) keeps the param's.
+                decay = (0.0 - lr * decoupled_weight_decay).to(grads[0].dtype)
                 decays = torch._foreach_mul(spec.flatten_up_to(params), decay)
                 torch._foreach_add_(direction, decays)
         return _like(spec, direction), new_state(count, spec, mu, nu, nu_max)
@@ -314,7 +336,9 @@ def scale_by_adam(
         )
         return _like(spec, new_params), new_state(state.count + 1, spec, mu, nu, nu_max)
 
-    return GradientTransformation(init, update, update_and_apply if learning_rate else None)
+    return GradientTransformation(
+        init, update, update_and_apply if learning_rate is not None else None
+    )
 
 
 def _quotient(
@@ -324,7 +348,7 @@ def _quotient(
     numerator first, as torch's RMSprop (``addcdiv``) and Adagrad (``g * -clr``) round it."""
     if learning_rate is None:
         return torch._foreach_div(grads, denom)
-    direction = torch._foreach_mul(grads, _as_dtype(-_lr_at(learning_rate, count), grads))
+    direction = torch._foreach_mul(grads, _as_dtype(-learning_rate_at(learning_rate, count), grads))
     torch._foreach_div_(direction, denom)
     return direction
 
@@ -535,7 +559,14 @@ class ScaleByLearningRateState(NamedTuple):
     lr: Tensor
 
 
-def _lr_at(learning_rate: ScalarOrSchedule, count: Tensor) -> Tensor:
+def learning_rate_at(learning_rate: ScalarOrSchedule, count: Tensor) -> Tensor:
+    """The learning rate at step ``count``, a 0-dim float64 tensor on ``count``'s device.
+
+    Example:
+        >>> import torch
+        >>> learning_rate_at(lambda step: 0.5 ** step.double(), torch.tensor(2))
+        tensor(0.2500, dtype=torch.float64)
+    """
     if callable(learning_rate):
         return torch.as_tensor(learning_rate(count), device=count.device).to(torch.float64)
     return torch.as_tensor(learning_rate, dtype=torch.float64, device=count.device)
@@ -546,7 +577,7 @@ def _advance(
 ) -> ScaleByLearningRateState:
     """The learning-rate state after one more step."""
     count = state.count + 1
-    next_lr = _lr_at(learning_rate, count) if callable(learning_rate) else state.lr
+    next_lr = learning_rate_at(learning_rate, count) if callable(learning_rate) else state.lr
     return ScaleByLearningRateState(count, next_lr)
 
 
@@ -571,7 +602,7 @@ def _fast_path_inputs(
         return grads, spec, base, None
     if not eager_leaves(grads, base, tree_leaves(state), *columns):
         return grads, spec, base, None
-    lr = _lr_at(learning_rate, state.count) if callable(learning_rate) else learning_rate
+    lr = learning_rate_at(learning_rate, state.count) if callable(learning_rate) else learning_rate
     return grads, spec, base, host_number(lr)
 
 
@@ -593,29 +624,22 @@ def track_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransformati
 
     def init(params: PyTree) -> ScaleByLearningRateState:
         count = _zero_count(params)
-        return ScaleByLearningRateState(count, _lr_at(learning_rate, count))
+        return ScaleByLearningRateState(count, learning_rate_at(learning_rate, count))
 
     def update(updates: PyTree, state: ScaleByLearningRateState, params: PyTree | None = None):
         count = state.count + 1
-        next_lr = _lr_at(learning_rate, count) if callable(learning_rate) else state.lr
+        next_lr = learning_rate_at(learning_rate, count) if callable(learning_rate) else state.lr
         return updates, ScaleByLearningRateState(count, next_lr)
 
     return GradientTransformation(init, update)
 
 
-def scale_by_learning_rate(
-    learning_rate: ScalarOrSchedule, *, fresh_updates: bool = False
-) -> GradientTransformation:
+def scale_by_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransformation:
     """Multiply by ``-learning_rate`` (a float, or a schedule of the step count).
 
     Args:
         learning_rate: a float, or a schedule ``step -> lr`` (see
             :mod:`functorch_diary.optim.schedules`), evaluated at 0, 1, 2, ...
-        fresh_updates: promise that the updates this stage receives are new tensors
-            made by the stage before it in the same call (not the caller's gradients,
-            not anybody's state), so they may be scaled in place: one allocation fewer
-            per leaf. The named optimisers set it where it holds; leave it ``False``
-            otherwise.
 
     Returns:
         A transformation whose state is a :class:`ScaleByLearningRateState`.
@@ -632,7 +656,7 @@ def scale_by_learning_rate(
 
     def init(params: PyTree) -> ScaleByLearningRateState:
         count = _zero_count(params)
-        return ScaleByLearningRateState(count, _lr_at(learning_rate, count))
+        return ScaleByLearningRateState(count, learning_rate_at(learning_rate, count))
 
     def update(updates: PyTree, state: ScaleByLearningRateState, params: PyTree | None = None):
         grads, spec = _flatten(updates)
@@ -640,9 +664,6 @@ def scale_by_learning_rate(
             return updates, _advance(state, learning_rate)
         # A constant lr stays a Python float: the cheapest foreach overload.
         factor = _as_dtype(-state.lr, grads) if callable(learning_rate) else -learning_rate
-        if fresh_updates:
-            torch._foreach_mul_(grads, factor)
-            return updates, _advance(state, learning_rate)
         return _like(spec, torch._foreach_mul(grads, factor)), _advance(state, learning_rate)
 
     def update_and_apply(updates: PyTree, state: ScaleByLearningRateState, params: PyTree):

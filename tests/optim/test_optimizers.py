@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import grad
 
 from functorch_diary import Model, optim
+from functorch_diary.model.checks import TreeMismatchError
 from functorch_diary.testing import assert_trees_close
 from functorch_diary.tree import tree_clone
 from tests.helpers import TORCH
@@ -101,6 +102,7 @@ CASES = [
     ("adagrad", {"lr": 1e-1, "weight_decay": 1e-2, "initial_accumulator_value": 0.1}),
     ("adagrad", {"lr": 1e-1, "eps": 1e-3, "maximize": True}),
 ]
+
 
 @pytest.mark.parametrize("path", ["update", "fused"])
 @pytest.mark.parametrize(("name", "kwargs"), CASES, ids=[f"{n}-{k}" for n, k in CASES])
@@ -316,3 +318,51 @@ def test_sgd_and_adam_keep_their_positional_signatures():
     assert_trees_close(
         run_functional(optim.adam(1e-2, (0.8, 0.9), 1e-6, 1e-2), params, seq)[0], expected, **F64
     )
+
+
+NAMED = {
+    "sgd": lambda: optim.sgd(0.1, momentum=0.9),
+    "adam": optim.adam,
+    "adamw": optim.adamw,
+    "rmsprop": optim.rmsprop,
+    "adagrad": optim.adagrad,
+}
+BAD_GRADS = {
+    "broadcastable shape": ({"w": torch.ones(1)}, ["grads['w']", "(3,)", "(1,)"]),
+    "float64 for float32": (
+        {"w": torch.ones(3, dtype=torch.float64)},
+        ["grads['w']", "torch.float32", "torch.float64"],
+    ),
+    "missing key": ({}, ["missing 'w'", "(3,)"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GRADS))
+@pytest.mark.parametrize("name", list(NAMED))
+def test_update_called_directly_checks_the_grads(name, case):
+    """The optax way (``update`` without ``apply_gradients``) refuses what apply_gradients
+    refuses, naming the leaf and both shapes/dtypes, and modifies nothing."""
+    grads, words = BAD_GRADS[case]
+    opt = NAMED[name]()
+    params = {"w": torch.ones(3)}
+    state = opt.init(params)
+    before = tree_clone((grads, state, params))
+    with pytest.raises(TreeMismatchError) as caught:
+        opt.update(grads, state, params)
+    for word in words:
+        assert word in str(caught.value)
+    assert_trees_close((grads, state, params), before)
+
+
+@pytest.mark.parametrize(("name", "made_by"), [(a, b) for a in NAMED for b in NAMED if a != b])
+def test_a_state_from_another_optimiser_is_refused_naming_both(name, made_by):
+    opt, other = NAMED[name](), NAMED[made_by]()
+    params = {"w": torch.ones(3)}
+    state = other.init(params)
+    expected_types = [type(s).__name__ for s in opt.init(params)]
+    got_types = [type(s).__name__ for s in state]
+    with pytest.raises(TreeMismatchError) as caught:
+        opt.update({"w": torch.ones(3)}, state, params)
+    message = str(caught.value)
+    assert f"({', '.join(got_types)})" in message
+    assert f"({', '.join(expected_types)})" in message

@@ -3,6 +3,8 @@ back from the optimiser state, and params after 50 steps of a real model."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -195,3 +197,28 @@ def test_current_lr_of_a_parameter_group():
     assert float(optim.current_lr(state, group="head")) == 0.1
     with pytest.raises(ValueError, match="no parameter group 'tail'"):
         optim.current_lr(state, group="tail")
+
+
+PYTHON_FLOAT_LAMBDAS = {
+    "constant": lambda e: 0.3,
+    "cosine": lambda e: 0.5 * (1 + math.cos(math.pi * e / 17)),
+    "exp": lambda e: math.exp(-0.13 * e),
+    "int_power": lambda e: 0.7 ** int(e),
+    "int_inverse": lambda e: 1.0 / (1.0 + 0.05 * int(e)),
+    "sqrt": lambda e: math.sqrt(1 + e) / 3,
+}
+
+
+@pytest.mark.parametrize("name", list(PYTHON_FLOAT_LAMBDAS))
+def test_lambda_lr_keeps_python_float_precision_bit_for_bit(name):
+    """LambdaLR computes ``base_lr * lr_lambda(epoch)`` in Python floats; a lambda of
+    ``math.*``, ``int(e)`` and constants gives the same float64 here, to the bit."""
+    lr_lambda = PYTHON_FLOAT_LAMBDAS[name]
+    torch_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = sched.LambdaLR(torch_opt, lr_lambda)
+    schedule = optim.lambda_lr(0.1, lr_lambda)
+    for t in range(40):
+        assert float(schedule(torch.tensor(t))) == torch_opt.param_groups[0]["lr"], t
+        torch_opt.step()
+        scheduler.step()
+    assert float(optim.lambda_lr(0.1, lambda e: 0.3)(0)) == 0.1 * 0.3
