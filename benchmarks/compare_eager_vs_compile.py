@@ -1,6 +1,6 @@
-"""Eager vs compiled, ``nn.Module`` vs functional: five ways to train the same network.
+"""Eager vs compiled, ``nn.Module`` vs functional: six ways to train the same network.
 
-The five arms run on the same model, the same initial weights, the same batches and the
+The six arms run on the same model, the same initial weights, the same batches and the
 same optimiser (SGD, lr 0.01, momentum 0.9, weight decay 5e-4):
 
 1. ``module``          ``nn.Module`` + ``torch.optim.SGD(foreach=True)``, eager: what the
@@ -11,7 +11,9 @@ same optimiser (SGD, lr 0.01, momentum 0.9, weight decay 5e-4):
 4. ``functional+compile``  the same step as one ``torch.compile`` d graph (the default
                        on CUDA): forward, backward, update and BatchNorm state together;
 5. ``functional+donate``  arm 3 with ``donate=True``: the step writes into the
-                       ``TrainState`` it is given (the optimiser kernels run in place).
+                       ``TrainState`` it is given (the optimiser kernels run in place);
+6. ``functional+compile+donate``  arm 4 with ``donate=True`` (Inductor writes the new
+                       state into the old buffers; --full and --device cuda only).
 
 For each arm it measures: compile time (first step minus a steady step), steady-state
 step time (median and interquartile range over interleaved rounds, device-synchronised),
@@ -60,6 +62,7 @@ ARMS = {
     3: "functional",
     4: "functional+compile",
     5: "functional+donate",
+    6: "functional+compile+donate",
 }
 DTYPES = {"float32": None, "bf16": torch.bfloat16}
 SGD = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
@@ -131,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true", help="every model, dtype and arm")
     parser.add_argument("--models", help="comma-separated subset of " + ",".join(MODELS))
     parser.add_argument("--dtypes", help="comma-separated subset of float32,bf16")
-    parser.add_argument("--arms", help="comma-separated subset of 1-5 (1 is always run)")
+    parser.add_argument("--arms", help="comma-separated subset of 1-6 (1 is always run)")
     parser.add_argument("--batch", type=int, help="batch size for every model")
     parser.add_argument(
         "--warmup", type=int, default=3, help="steps before timing (then the param check)"
@@ -171,7 +174,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def arms_for(args: argparse.Namespace) -> list[int]:
-    return list(ARMS) if args.arms is None else args.arms
+    if args.arms is not None:
+        return args.arms
+    # The quick CPU run leaves out arm 6: one more Inductor compile per model.
+    return list(ARMS) if args.label != "cpu_quick" else [1, 2, 3, 4, 5]
 
 
 def steps_per_round(args: argparse.Namespace, model_name: str) -> int:
@@ -321,6 +327,7 @@ def run_cell(args, model_name: str, dtype_name: str) -> list[dict]:
         3: lambda: functional_arm(model, ts0, batches, dtype, args, False),
         4: lambda: functional_arm(model, ts0, batches, dtype, args, True),
         5: lambda: functional_arm(model, ts0, batches, dtype, args, False, donate=True),
+        6: lambda: functional_arm(model, ts0, batches, dtype, args, True, donate=True),
     }
     arms = {i: build[i]() for i in arm_ids}
 
@@ -368,7 +375,7 @@ def run_cell(args, model_name: str, dtype_name: str) -> list[dict]:
                 "batch": batch,
                 "arm": i,
                 "arm_name": ARMS[i],
-                "compile_s": max(first_step_s[i] - median, 0.0) if i in (2, 4) else None,
+                "compile_s": max(first_step_s[i] - median, 0.0) if i in (2, 4, 6) else None,
                 "first_step_s": first_step_s[i],
                 "step_ms_median": median * 1e3,
                 "step_ms_q1": q1 * 1e3,
@@ -398,7 +405,12 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
         t = {i: row["step_ms_median"] for i, row in arms.items()}
         peak = {i: row["peak_step_mem_mb"] for i, row in arms.items()}
         entry = {}
-        for i, name in ((3, "functional"), (5, "functional_donated")):
+        for i, name in (
+            (3, "functional"),
+            (4, "functional_compiled"),
+            (5, "functional_donated"),
+            (6, "functional_compiled_donated"),
+        ):
             if i in peak and peak[1]:
                 entry[f"{name}_peak_mem_over_module"] = peak[i] / peak[1]
         if 3 in t:
@@ -467,7 +479,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     cells = list(dict.fromkeys((r["model"], r["dtype"]) for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(cells)), 4))
-    width = 0.16
+    width = 0.13
     for k, (arm, name) in enumerate(ARMS.items()):
         xs, ys = [], []
         for c, (model_name, dtype_name) in enumerate(cells):
@@ -478,7 +490,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                         for b in rows
                         if (b["model"], b["dtype"], b["arm"]) == (model_name, dtype_name, 1)
                     )
-                    xs.append(c + (k - 2) * width)
+                    xs.append(c + (k - 2.5) * width)
                     ys.append(r["images_per_s"] / base)
         ax.bar(xs, ys, width, label=name)
     ax.axhline(1.0, color="grey", linewidth=0.8)
