@@ -94,13 +94,14 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params: PyTree) -> tuple[Any, ...]:
         return tuple(t.init(params) for t in transforms)
 
-    made: list[tuple[type | None, ...]] = []  # the stage state types init makes, found once
+    # The stage state types init makes, found here and not lazily on the first update: a
+    # list filled inside a compiled step is a guard that fails on the next call (one
+    # recompile of every compiled step).
+    made = [tuple(_state_type(t) for t in transforms)]
 
     def check_state(state: Any) -> None:
         """A state from another optimiser fails here, naming both, before any stage reads a
         field it does not have."""
-        if not made:
-            made.append(tuple(_state_type(t) for t in transforms))
         got = tuple(map(type, state)) if isinstance(state, tuple) else (type(state),)
         if len(got) != len(made[0]) or any(
             want is not None and have is not want for have, want in zip(got, made[0], strict=True)
