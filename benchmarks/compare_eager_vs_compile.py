@@ -1,6 +1,6 @@
-"""Eager vs compiled, ``nn.Module`` vs functional: four ways to train the same network.
+"""Eager vs compiled, ``nn.Module`` vs functional: six ways to train the same network.
 
-The four arms run on the same model, the same initial weights, the same batches and the
+The six arms run on the same model, the same initial weights, the same batches and the
 same optimiser (SGD, lr 0.01, momentum 0.9, weight decay 5e-4):
 
 1. ``module``          ``nn.Module`` + ``torch.optim.SGD(foreach=True)``, eager: what the
@@ -9,17 +9,24 @@ same optimiser (SGD, lr 0.01, momentum 0.9, weight decay 5e-4):
                        would pick instead (PyTorch's own recipe);
 3. ``functional``      ``make_train_step(..., compile=False)``: one pure step, eager;
 4. ``functional+compile``  the same step as one ``torch.compile`` d graph (the default
-                       on CUDA): forward, backward, update and BatchNorm state together.
+                       on CUDA): forward, backward, update and BatchNorm state together;
+5. ``functional+donate``  arm 3 with ``donate=True``: the step writes into the
+                       ``TrainState`` it is given (the optimiser kernels run in place);
+6. ``functional+compile+donate``  arm 4 with ``donate=True`` (Inductor writes the new
+                       state into the old buffers; --full and --device cuda only).
 
 For each arm it measures: compile time (first step minus a steady step), steady-state
 step time (median and interquartile range over interleaved rounds, device-synchronised),
-images/s, peak memory of one step above what was allocated before it, and the largest
+images/s, memory of one steady step (the bytes it allocates, and its peak of live bytes
+above what was live before it: the CPU allocator's events through ``torch.profiler``, the
+CUDA allocator's statistics on a GPU), and the largest
 difference of any parameter from arm 1 after the warm-up steps: the correctness check
 runs inside the benchmark, so a fast arm that trains something else is visible at once.
 
 Run it:
 
-    python benchmarks/compare_eager_vs_compile.py                 # quick CPU run, ~2 min
+    python benchmarks/compare_eager_vs_compile.py                 # quick CPU run
+    python benchmarks/compare_eager_vs_compile.py --compile-cache DIR   # warm caches
     python benchmarks/compare_eager_vs_compile.py --full          # every model, fp32 + bf16
     python benchmarks/compare_eager_vs_compile.py --device cuda   # the full GPU run
 
@@ -34,7 +41,6 @@ import json
 import os
 import platform
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,9 +52,18 @@ from torch import nn
 
 import functorch_diary as fd
 from functorch_diary import models, optim
+from functorch_diary.training.compile import ARTIFACTS_FILE, use_compile_cache
+from functorch_diary.tree import tree_clone
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ARMS = {1: "module", 2: "module+compile", 3: "functional", 4: "functional+compile"}
+ARMS = {
+    1: "module",
+    2: "module+compile",
+    3: "functional",
+    4: "functional+compile",
+    5: "functional+donate",
+    6: "functional+compile+donate",
+}
 DTYPES = {"float32": None, "bf16": torch.bfloat16}
 SGD = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
 
@@ -57,6 +72,12 @@ SGD = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
 #    Model wraps), with the batch size used on each device. The twin is loaded with the
 #    Model's init(seed) weights, so every arm starts from the same numbers.
 # ---------------------------------------------------------------------------------------
+
+
+def _mobilenet() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.mobilenet_v3_small(num_classes=10, dropout=0.0)
 
 
 class ModelCase(NamedTuple):
@@ -89,12 +110,21 @@ MODELS = {
         (3, 32, 32),
         {"cpu": 8, "cuda": 128},
     ),
+    # torchvision's, on 32x32 inputs; dropout 0 so the arms' random streams (torch's
+    # global RNG vs the step's key) cannot make their params differ.
+    "mobilenet_v3_small": ModelCase(
+        lambda: fd.Model(lambda: _mobilenet()),
+        lambda: _mobilenet(),
+        (3, 32, 32),
+        {"cpu": 8, "cuda": 256},
+    ),
 }
 
 # ---------------------------------------------------------------------------------------
-# 2. Settings. The quick default is sized for a 2-core CI machine: LeNet with all four
-#    arms, ResNet-18 eager only (Inductor needs minutes per ResNet-18 train step on 2
-#    cores), float32. --full and --device cuda run every model, both dtypes, all arms.
+# 2. Settings. The quick default is sized for a 2-core CI machine: LeNet, ResNet-18 and
+#    mobilenet_v3_small, every arm, float32 (with --compile-cache warm, Inductor loads
+#    the compiled steps instead of spending minutes on each). --full and --device cuda
+#    run every model, both dtypes, all arms.
 # ---------------------------------------------------------------------------------------
 
 
@@ -104,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true", help="every model, dtype and arm")
     parser.add_argument("--models", help="comma-separated subset of " + ",".join(MODELS))
     parser.add_argument("--dtypes", help="comma-separated subset of float32,bf16")
-    parser.add_argument("--arms", help="comma-separated subset of 1,2,3,4 (1 is always run)")
+    parser.add_argument("--arms", help="comma-separated subset of 1-6 (1 is always run)")
     parser.add_argument("--batch", type=int, help="batch size for every model")
     parser.add_argument(
         "--warmup", type=int, default=3, help="steps before timing (then the param check)"
@@ -113,10 +143,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="steps per arm per round")
     parser.add_argument("--channels-last", action="store_true", help="NHWC for every arm")
     parser.add_argument("--out", type=Path, help="JSON path (the PNG goes beside it)")
+    parser.add_argument(
+        "--compile-cache",
+        type=Path,
+        help="torch's persistent compile caches here (every compiled arm); warm if reused",
+    )
+    parser.add_argument(
+        "--compile-mode", help="torch.compile mode of the compiled arms (e.g. reduce-overhead)"
+    )
     args = parser.parse_args(argv)
     full = args.full or args.device == "cuda"
     args.models = (
-        args.models.split(",") if args.models else list(MODELS if full else ["lenet", "resnet18"])
+        args.models.split(",")
+        if args.models
+        else list(MODELS if full else ["lenet", "resnet18", "mobilenet_v3_small"])
     )
     args.dtypes = args.dtypes.split(",") if args.dtypes else (list(DTYPES) if full else ["float32"])
     args.arms = sorted({1, *(int(a) for a in args.arms.split(","))}) if args.arms else None
@@ -133,11 +173,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def arms_for(args: argparse.Namespace, model_name: str) -> list[int]:
+def arms_for(args: argparse.Namespace) -> list[int]:
     if args.arms is not None:
         return args.arms
-    quick_cpu = args.label == "cpu_quick"
-    return [1, 3] if quick_cpu and model_name != "lenet" else [1, 2, 3, 4]
+    # The quick CPU run leaves out arm 6: one more Inductor compile per model.
+    return list(ARMS) if args.label != "cpu_quick" else [1, 2, 3, 4, 5]
 
 
 def steps_per_round(args: argparse.Namespace, model_name: str) -> int:
@@ -148,9 +188,10 @@ def steps_per_round(args: argparse.Namespace, model_name: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# 3. Measuring helpers: device sync, and peak memory of one step above its baseline.
-#    On CUDA that is the allocator's peak; on the CPU torch keeps no statistics, so a
-#    thread samples the process's resident set every millisecond during the step.
+# 3. Measuring helpers: device sync, and the memory of one step: bytes allocated, and the
+#    peak of live bytes above the baseline. On CUDA the allocator keeps both; on the CPU
+#    torch.profiler records every allocation and free of the CPU allocator (Inductor's
+#    buffers included), and the peak is the running sum's maximum.
 # ---------------------------------------------------------------------------------------
 
 
@@ -159,38 +200,36 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_step_memory_mb(run_step: Callable[[], None], device: torch.device) -> float | None:
+def step_memory_mb(run_step: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """``(allocated, peak)`` of one call of ``run_step``, in MiB: the bytes it allocates
+    and the most bytes live at once above what was live before it."""
     if device.type == "cuda":
         sync(device)
         before = torch.cuda.memory_allocated(device)
+        total = torch.cuda.memory_stats(device)["allocated_bytes.all.allocated"]
         torch.cuda.reset_peak_memory_stats(device)
         run_step()
         sync(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    if not os.path.exists("/proc/self/statm"):
-        return None  # not Linux: no cheap way to read the resident set
-    before, peak, done = _rss_bytes(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    run_step()
-    done.set()
-    sampler.join()
-    return max(peak[0], _rss_bytes()) / 2**20 - before / 2**20
+        allocated = torch.cuda.memory_stats(device)["allocated_bytes.all.allocated"] - total
+        return allocated / 2**20, (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        run_step()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = allocated = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+        allocated += max(nbytes, 0)
+    return allocated / 2**20, peak / 2**20
 
 
 # ---------------------------------------------------------------------------------------
-# 4. The four arms. Each is a zero-argument callable running one training step on the
+# 4. The five arms. Each is a zero-argument callable running one training step on the
 #    next batch, and a function returning its parameters for the correctness check.
 # ---------------------------------------------------------------------------------------
 
@@ -208,14 +247,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def module_arm(case, ts0, model, batches, device, dtype, channels_last, compiled) -> Arm:
+def module_arm(case, ts0, model, batches, device, dtype, channels_last, compiled, mode) -> Arm:
     module = case.make_module()
     module.load_state_dict(model.state_dict(ts0.params, ts0.state))
     module.to(device).train()
     if channels_last:
         module.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(module.parameters(), **SGD, foreach=True)
-    forward = torch.compile(module) if compiled else module
+    forward = torch.compile(module, mode=mode) if compiled else module
 
     def update() -> None:
         opt.step()
@@ -234,17 +273,21 @@ def module_arm(case, ts0, model, batches, device, dtype, channels_last, compiled
     return Arm(step, lambda: {k: v.detach() for k, v in module.named_parameters()})
 
 
-def functional_arm(model, ts0, batches, dtype, channels_last, compiled) -> Arm:
+def functional_arm(model, ts0, batches, dtype, args, compiled, donate=False) -> Arm:
     opt = optim.sgd(**SGD)
     train_step = fd.make_train_step(
         model,
         F.cross_entropy,
         opt,
         compile=compiled,
+        compile_mode=args.compile_mode if compiled else None,
         autocast_dtype=dtype,
-        channels_last=channels_last,
+        channels_last=args.channels_last,
+        compile_cache=args.compile_cache if compiled else None,
+        donate=donate,
     )
-    box = [ts0]
+    # A donating step consumes the TrainState it is given: this arm's own copy.
+    box = [tree_clone(ts0) if donate else ts0]
 
     def step(i: int) -> None:
         box[0], _ = train_step(box[0], batches[i % len(batches)])
@@ -276,12 +319,15 @@ def run_cell(args, model_name: str, dtype_name: str) -> list[dict]:
     ]
     if args.channels_last:
         batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
-    arm_ids = arms_for(args, model_name)
+    arm_ids = arms_for(args)
+    cl, mode = args.channels_last, args.compile_mode
     build = {
-        1: lambda: module_arm(case, ts0, model, batches, device, dtype, args.channels_last, False),
-        2: lambda: module_arm(case, ts0, model, batches, device, dtype, args.channels_last, True),
-        3: lambda: functional_arm(model, ts0, batches, dtype, args.channels_last, False),
-        4: lambda: functional_arm(model, ts0, batches, dtype, args.channels_last, True),
+        1: lambda: module_arm(case, ts0, model, batches, device, dtype, cl, False, mode),
+        2: lambda: module_arm(case, ts0, model, batches, device, dtype, cl, True, mode),
+        3: lambda: functional_arm(model, ts0, batches, dtype, args, False),
+        4: lambda: functional_arm(model, ts0, batches, dtype, args, True),
+        5: lambda: functional_arm(model, ts0, batches, dtype, args, False, donate=True),
+        6: lambda: functional_arm(model, ts0, batches, dtype, args, True, donate=True),
     }
     arms = {i: build[i]() for i in arm_ids}
 
@@ -317,7 +363,7 @@ def run_cell(args, model_name: str, dtype_name: str) -> list[dict]:
             sync(device)
             times[i].append((time.perf_counter() - start) / steps)
 
-    peak_mb = {i: peak_step_memory_mb(arm.step, device) for i, arm in arms.items()}
+    memory = {i: step_memory_mb(arm.step, device) for i, arm in arms.items()}
     rows = []
     for i, arm in arms.items():
         median = statistics.median(times[i])
@@ -329,13 +375,14 @@ def run_cell(args, model_name: str, dtype_name: str) -> list[dict]:
                 "batch": batch,
                 "arm": i,
                 "arm_name": ARMS[i],
-                "compile_s": max(first_step_s[i] - median, 0.0) if i in (2, 4) else None,
+                "compile_s": max(first_step_s[i] - median, 0.0) if i in (2, 4, 6) else None,
                 "first_step_s": first_step_s[i],
                 "step_ms_median": median * 1e3,
                 "step_ms_q1": q1 * 1e3,
                 "step_ms_q3": q3 * 1e3,
                 "images_per_s": batch / median,
-                "peak_step_mem_mb": peak_mb[i],
+                "step_alloc_mb": memory[i][0],
+                "peak_step_mem_mb": memory[i][1],
                 "max_abs_param_diff_vs_arm1": diffs[i],
                 "diff_after_steps": args.warmup,
                 "steps": arm.calls,
@@ -356,7 +403,16 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
     out = {}
     for cell, arms in by_cell.items():
         t = {i: row["step_ms_median"] for i, row in arms.items()}
+        peak = {i: row["peak_step_mem_mb"] for i, row in arms.items()}
         entry = {}
+        for i, name in (
+            (3, "functional"),
+            (4, "functional_compiled"),
+            (5, "functional_donated"),
+            (6, "functional_compiled_donated"),
+        ):
+            if i in peak and peak[1]:
+                entry[f"{name}_peak_mem_over_module"] = peak[i] / peak[1]
         if 3 in t:
             entry["functional_eager_time_over_module_eager"] = t[3] / t[1]
         if 4 in t:
@@ -370,17 +426,17 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
 def print_table(rows: list[dict]) -> None:
     header = (
         f"{'model':<12}{'dtype':<9}{'batch':>6}  {'arm':<20}{'compile s':>10}{'step ms':>10}"
-        f"{'IQR ms':>15}{'img/s':>10}{'peak MB':>9}{'max|dp|':>10}"
+        f"{'IQR ms':>15}{'img/s':>10}{'alloc MB':>9}{'peak MB':>9}{'max|dp|':>10}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
-        mem = "-" if r["peak_step_mem_mb"] is None else f"{r['peak_step_mem_mb']:.0f}"
+        mem = f"{r['step_alloc_mb']:>9.1f}{r['peak_step_mem_mb']:>9.1f}"
         iqr = f"{r['step_ms_q1']:.1f}-{r['step_ms_q3']:.1f}"
         print(
             f"{r['model']:<12}{r['dtype']:<9}{r['batch']:>6}  {r['arm_name']:<20}{compile_s:>10}"
-            f"{r['step_ms_median']:>10.2f}{iqr:>15}{r['images_per_s']:>10.0f}{mem:>9}"
+            f"{r['step_ms_median']:>10.2f}{iqr:>15}{r['images_per_s']:>10.0f}{mem}"
             f"{r['max_abs_param_diff_vs_arm1']:>10.1e}"
         )
 
@@ -409,6 +465,8 @@ def environment(args: argparse.Namespace) -> dict:
         "channels_last": args.channels_last,
         "optimizer": {"name": "sgd", **SGD},
         "warmup": args.warmup,
+        "compile_mode": args.compile_mode,
+        "compile_cache": None if args.compile_cache is None else str(args.compile_cache),
         "rounds": args.rounds,
     }
 
@@ -421,7 +479,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     cells = list(dict.fromkeys((r["model"], r["dtype"]) for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(cells)), 4))
-    width = 0.2
+    width = 0.13
     for k, (arm, name) in enumerate(ARMS.items()):
         xs, ys = [], []
         for c, (model_name, dtype_name) in enumerate(cells):
@@ -432,7 +490,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                         for b in rows
                         if (b["model"], b["dtype"], b["arm"]) == (model_name, dtype_name, 1)
                     )
-                    xs.append(c + (k - 1.5) * width)
+                    xs.append(c + (k - 2.5) * width)
                     ys.append(r["images_per_s"] / base)
         ax.bar(xs, ys, width, label=name)
     ax.axhline(1.0, color="grey", linewidth=0.8)
@@ -452,6 +510,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    cache_state = None
+    if args.compile_cache is not None:
+        # Every compiled arm (module ones too) through the same persistent caches; warm
+        # when an earlier run left its artifacts there.
+        cache_state = "warm" if (args.compile_cache / ARTIFACTS_FILE).exists() else "cold"
+        use_compile_cache(args.compile_cache)
     # On a shared machine the load says how far to trust the timings.
     load_at_start = os.getloadavg()
     started = time.perf_counter()
@@ -460,7 +524,11 @@ def main(argv: list[str] | None = None) -> dict:
         for dtype_name in args.dtypes:
             rows += run_cell(args, model_name, dtype_name)
     report = {
-        "environment": {**environment(args), "load_average": [load_at_start, os.getloadavg()]},
+        "environment": {
+            **environment(args),
+            "compile_cache_state": cache_state,
+            "load_average": [load_at_start, os.getloadavg()],
+        },
         "wall_s": time.perf_counter() - started,
         "results": rows,
         "ratios": ratios(rows),

@@ -8,6 +8,7 @@ named test instead of silently taking the slow path.
 from __future__ import annotations
 
 import linecache
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import Tensor, fx
 
 __all__ = [
     "FUSED_KERNELS",
+    "enable_compile_caches",
     "exec_fx_graph",
     "functorch_transform_active",
     "is_functorch_wrapped",
@@ -79,3 +81,19 @@ def exec_fx_graph(graph: fx.Graph, label: str) -> Callable[..., Any]:
     namespace = dict(code.globals)
     exec(compile(code.src, filename, "exec"), namespace)
     return namespace["forward"]
+def enable_compile_caches() -> None:
+    """Switch on Inductor's FX graph cache and AOTAutograd's cache (both on by default in
+    torch 2.x, but an environment variable may have turned them off).
+
+    Through the private config modules when present; otherwise through the documented
+    environment variables, which torch reads when it first imports those modules.
+    """
+    try:
+        import torch._functorch.config as aot_config
+        import torch._inductor.config as inductor_config
+    except ImportError:
+        os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
+        os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
+        return
+    inductor_config.fx_graph_cache = True
+    aot_config.enable_autograd_cache = True

@@ -27,14 +27,16 @@ check first that this is plain eager code (:mod:`.fast_path`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from .._torch import FUSED_KERNELS
 
-__all__ = ["adagrad", "adam", "rmsprop", "runs_on", "sgd"]
+__all__ = ["adagrad", "adam", "in_place", "rmsprop", "runs_on", "sgd"]
 
 
 def runs_on(params: Sequence[Tensor], *columns: Sequence[Tensor]) -> bool:
@@ -60,8 +62,52 @@ def runs_on(params: Sequence[Tensor], *columns: Sequence[Tensor]) -> bool:
     )
 
 
+#: Set by :func:`in_place`: the kernels write into the tensors they are given.
+_IN_PLACE: contextvars.ContextVar[bool] = contextvars.ContextVar("fused_in_place", default=False)
+
+
+def in_place(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Within it, the steps of this module write their new params and state into the
+    params and state they are given (laid out like the param) instead of into copies:
+    ``torch.optim``'s in-place step, for a donated ``TrainState``
+    (``make_train_step(..., donate=True)``) whose old values nobody reads again.
+
+    ``in_place(False)`` restores copying inside it: a wrapper that still reads the old
+    params after its inner step (``apply_if_finite`` keeps them on a skipped step) uses it.
+
+    Example:
+        >>> import torch
+        >>> p = [torch.ones(1)]
+        >>> with in_place():
+        ...     new, _ = sgd(p, [torch.ones(1)], None, lr=0.5, momentum=0.0, dampening=0.0,
+        ...         nesterov=False, weight_decay=0.0, first_step=True)
+        >>> new[0] is p[0], p[0]
+        (True, tensor([0.5000]))
+    """
+    if torch.compiler.is_compiling():
+        # Traced code never reaches these kernels (fast_path), and Dynamo cannot trace a
+        # ContextVar; the donating step's writes are input mutations of the graph instead.
+        return contextlib.nullcontext()
+    return _in_place(enabled)
+
+
+@contextlib.contextmanager
+def _in_place(enabled: bool) -> Iterator[None]:
+    token = _IN_PLACE.set(enabled)
+    try:
+        yield
+    finally:
+        _IN_PLACE.reset(token)
+
+
 def _copies(sources: Sequence[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
-    """Fresh copies of ``sources``, each laid out like its param."""
+    """Fresh copies of ``sources``, each laid out like its param; under :func:`in_place`,
+    the sources themselves where they already are."""
+    if _IN_PLACE.get():
+        return [
+            s if s.stride() == p.stride() else torch.empty_like(p).copy_(s)
+            for s, p in zip(sources, params, strict=True)
+        ]
     return [torch.empty_like(p).copy_(s) for s, p in zip(sources, params, strict=True)]
 
 

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ..tree import PyTree, tree_flatten_with_paths, tree_leaves, tree_where
+from . import fused
 from .base import GradientTransformation, apply_gradients, updates_where
 
 __all__ = [
@@ -163,7 +164,9 @@ def apply_if_finite(
     # unguarded one to the bit.
     def update_and_apply(grads: PyTree, state: FiniteGuardState, params: PyTree):
         ok = check(grads, state)
-        new_params, inner_state = apply_gradients(inner, grads, state.inner, params)
+        # Copies even for a donated TrainState: the old params are kept on a skipped step.
+        with fused.in_place(False):
+            new_params, inner_state = apply_gradients(inner, grads, state.inner, params)
         return tree_where(ok, new_params, params), guarded(ok, state, inner_state)
 
     return GradientTransformation(init, update, update_and_apply)

@@ -6,10 +6,19 @@ on CUDA and runs it eagerly elsewhere; ``compile=True`` compiles on the CPU too.
 ``fullgraph=True`` turns any graph break into an error; each step owns its compile cache
 (so building many steps in one process never hits Dynamo's recompile limit); the train,
 eval and GAN steps all go through :func:`with_compile_policy`.
+
+``compile_cache=DIR`` (:func:`use_compile_cache`) compiles once and reuses everywhere:
+Inductor's FX graph cache and AOTAutograd's cache are kept under ``DIR``, so a second
+process building the same step (same model, optimiser, shapes, torch version) loads the
+compiled kernels instead of generating them; ``DIR/artifacts.bin`` holds torch's portable
+cache artifacts (``torch.compiler.save_cache_artifacts``), written after each first
+compile and loaded before it, so copying ``DIR`` to another machine with the same torch
+warms its cache too.
 """
 
 from __future__ import annotations
 
+import os
 import types
 from collections.abc import Callable
 from typing import Any
@@ -17,9 +26,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._torch import enable_compile_caches
 from ..tree import PyTree, tree_leaves, tree_map
 
-__all__ = ["COMPILE_MODES", "to_channels_last", "with_compile_policy"]
+__all__ = [
+    "ARTIFACTS_FILE",
+    "COMPILE_MODES",
+    "to_channels_last",
+    "use_compile_cache",
+    "with_compile_policy",
+]
+
+#: The file under a ``compile_cache`` directory holding torch's portable cache artifacts.
+ARTIFACTS_FILE = "artifacts.bin"
 
 #: The ``torch.compile`` modes a step accepts (``None`` means ``"default"``):
 #: ``"reduce-overhead"`` replays CUDA graphs, ``"max-autotune"`` benchmarks kernel choices.
@@ -55,15 +74,55 @@ def _own_code(fn: Callable) -> Callable:
     )
 
 
+def use_compile_cache(directory: str | os.PathLike) -> str:
+    """Keep Inductor's FX graph cache and AOTAutograd's cache under ``directory`` (made if
+    missing) and load the portable artifacts found there; returns the absolute path.
+
+    Torch's caches are per process, not per step: ``TORCHINDUCTOR_CACHE_DIR`` is set for
+    the whole process (and the compile workers it starts), so the last directory given
+    wins. Both caches are on by default in torch; they are switched on here in case an
+    environment variable turned them off.
+
+    Example:
+        >>> import tempfile
+        >>> path = use_compile_cache(tempfile.mkdtemp())
+        >>> os.environ["TORCHINDUCTOR_CACHE_DIR"] == path
+        True
+    """
+    path = os.path.abspath(os.fspath(directory))
+    os.makedirs(path, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    enable_compile_caches()
+    artifacts = os.path.join(path, ARTIFACTS_FILE)
+    if os.path.exists(artifacts):
+        with open(artifacts, "rb") as f:
+            torch.compiler.load_cache_artifacts(f.read())
+    return path
+
+
+def _save_artifacts(path: str) -> None:
+    """Write what this process compiled as portable artifacts (atomically: a reader in
+    another process never sees half a file)."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return  # nothing compiled by Inductor (another backend): nothing to carry
+    tmp = os.path.join(path, f".{ARTIFACTS_FILE}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(saved[0])
+    os.replace(tmp, os.path.join(path, ARTIFACTS_FILE))
+
+
 def with_compile_policy(
     fn: Callable,
     compile: bool | None,
     mode: str | None,
     backend: str | Callable = "inductor",
     channels_last: bool = False,
+    compile_cache: str | os.PathLike | None = None,
 ) -> Callable:
     """``fn(state, *args)``, compiled as one graph on first call when ``compile`` says so
-    (``None``: when the state's tensors are on CUDA)."""
+    (``None``: when the state's tensors are on CUDA), through the persistent caches under
+    ``compile_cache`` when given (:func:`use_compile_cache`)."""
     compiled: list[Callable] = []
 
     def run(state: Any, *args: Any):
@@ -74,11 +133,14 @@ def with_compile_policy(
         use = _on_cuda(state) if compile is None else compile
         if not use:
             return fn(state, *args)
-        if not compiled:
-            compiled.append(
-                torch.compile(_own_code(fn), mode=mode, backend=backend, fullgraph=True)
-            )
-        return compiled[0](state, *args)
+        if compiled:
+            return compiled[0](state, *args)
+        cache = None if compile_cache is None else use_compile_cache(compile_cache)
+        compiled.append(torch.compile(_own_code(fn), mode=mode, backend=backend, fullgraph=True))
+        out = compiled[0](state, *args)  # the first call compiles
+        if cache is not None:
+            _save_artifacts(cache)
+        return out
 
     run.__doc__ = fn.__doc__
     run.__wrapped__ = fn  # the eager function, for tests and debugging

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -39,6 +40,7 @@ from .. import prng
 from .._torch import functorch_transform_active
 from ..model.checks import check_leaves
 from ..model.core import Model, State
+from ..optim import fused
 from ..optim.base import GradientTransformation, apply_gradients
 from ..tree import Params, PyTree, tree_leaves, tree_map, tree_unflatten_like
 from .compile import COMPILE_MODES, to_channels_last, with_compile_policy
@@ -53,6 +55,7 @@ __all__ = [
     "TrainState",
     "apply_step",
     "build_step",
+    "donate_into",
     "init_train_state",
     "loss_objective",
     "make_eval_step",
@@ -242,16 +245,51 @@ def step_key(ts: TrainState) -> Tensor:
     return prng.fold_in(ts.rng, ts.step)
 
 
+def donate_into(old: PyTree, new: PyTree) -> PyTree:
+    """``new``, with each leaf's values written into ``old``'s tensor at the same place
+    where that tensor fits (same shape, dtype, device and strides) and ``new``'s leaf kept
+    where it does not: JAX's buffer donation. ``old`` is consumed."""
+
+    def put(old_leaf: Any, new_leaf: Any) -> Any:
+        if not isinstance(old_leaf, Tensor) or not isinstance(new_leaf, Tensor):
+            return new_leaf
+        if old_leaf is new_leaf:
+            return new_leaf  # written in place already (the fused optimiser kernels)
+        fits = (old_leaf.shape, old_leaf.dtype, old_leaf.device, old_leaf.stride()) == (
+            new_leaf.shape,
+            new_leaf.dtype,
+            new_leaf.device,
+            new_leaf.stride(),
+        )
+        return old_leaf.copy_(new_leaf) if fits else new_leaf
+
+    return tree_map(put, old, new)
+
+
 def apply_step(
     ts: TrainState,
     grads: Params,
     new_state: State,
     optimizer: GradientTransformation,
+    donate: bool = False,
 ) -> TrainState:
     """The next ``TrainState``: the optimiser's update of ``ts.params`` by ``grads``, the
-    model state ``new_state``, ``step + 1``; every leaf a value (:func:`values_out`)."""
-    params, opt_state = apply_gradients(optimizer, grads, ts.opt_state, ts.params)
-    return values_out(TrainState(params, new_state, opt_state, ts.step + 1, ts.rng))
+    model state ``new_state``, ``step + 1``; every leaf a value (:func:`values_out`).
+
+    With ``donate`` the new params, model state and optimiser state are written into
+    ``ts``'s tensors (:func:`donate_into`; eagerly the fused optimiser kernels run in
+    place on them, :func:`~functorch_diary.optim.fused.in_place`), so ``ts`` is consumed.
+    """
+    with fused.in_place(donate):
+        params, opt_state = apply_gradients(optimizer, grads, ts.opt_state, ts.params)
+    new_ts = values_out(TrainState(params, new_state, opt_state, ts.step + 1, ts.rng))
+    if not donate:
+        return new_ts
+    return new_ts._replace(
+        params=donate_into(ts.params, new_ts.params),
+        state=donate_into(ts.state, new_ts.state),
+        opt_state=donate_into(ts.opt_state, new_ts.opt_state),
+    )
 
 
 def _batch_splitter(
@@ -282,12 +320,13 @@ def build_step(
     loss_sees: LossSees = "outputs, targets",
     has_aux: bool = False,
     model_inputs: Callable[[Any], Any] | None = None,
+    donate: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The step body, uncompiled: forward and loss (:func:`loss_objective`), gradients
     (:func:`value_and_grad`), then :func:`apply_step`.
 
     Args:
-        model, loss_fn, optimizer, autocast_dtype, channels_last: as for
+        model, loss_fn, optimizer, autocast_dtype, channels_last, donate: as for
             :func:`make_train_step`.
         key_of: the step's random key from the ``TrainState`` (data-parallel ranks fold
             their rank in).
@@ -315,7 +354,7 @@ def build_step(
         )
         if reduce is not None:
             grads, loss, new_state = reduce(grads, loss, new_state)
-        new_ts = apply_step(ts, grads, new_state, optimizer)
+        new_ts = apply_step(ts, grads, new_state, optimizer, donate)
         if channels_last:
             # Pin the layout of what comes out, so the next call sees the strides this
             # graph was specialised to (a gradient may come back in NCHW order).
@@ -338,6 +377,8 @@ def make_train_step(
     loss_sees: LossSees = "outputs, targets",
     has_aux: bool = False,
     model_inputs: Callable[[Any], Any] | None = None,
+    compile_cache: str | os.PathLike | None = None,
+    donate: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
     """Build ``step(train_state, (inputs, targets)) -> (train_state, {"loss": ...})``.
 
@@ -370,12 +411,26 @@ def make_train_step(
             come back next to ``"loss"``.
         model_inputs: ``batch -> input`` (or a tuple of positional inputs) of the model;
             the default is ``batch[0]``.
+        compile_cache: a directory for torch's persistent compile caches (FX graph and
+            AOTAutograd caches, portable artifacts): a later process building the same
+            step loads it instead of compiling it again
+            (:func:`~functorch_diary.training.compile.use_compile_cache`; process-wide).
+        donate: JAX's ``donate_argnums`` for the ``TrainState``: the step may write its new
+            params, model state and optimiser state into the tensors of the one it is
+            given (eagerly, the fused optimiser kernels then run in place, as
+            ``torch.optim`` does), saving a copy of them at the step's peak. The given
+            ``TrainState`` is consumed: use only the returned one (``ts = step(ts,
+            batch)``); passing a donated one again raises ``ValueError``, and any tensor
+            kept from it now holds the new values. Its leaves must not share memory.
+            The results equal the pure step's bit for bit. Off by default: the step is
+            pure.
 
     The optimiser is the one ``init_train_state`` was given: a state of another
     optimiser is refused by its ``update`` with an error naming both.
 
     Raises:
-        ValueError: an unknown ``compile_mode`` or ``autocast_dtype``.
+        ValueError: an unknown ``compile_mode`` or ``autocast_dtype``; with ``donate``,
+            a ``TrainState`` already donated to an earlier step.
 
     Example:
         >>> import torch
@@ -415,8 +470,37 @@ def make_train_step(
         loss_sees=loss_sees,
         has_aux=has_aux,
         model_inputs=model_inputs,
+        donate=donate,
     )
-    return with_compile_policy(step, compile, compile_mode, compile_backend, channels_last)
+    policy = with_compile_policy(
+        step, compile, compile_mode, compile_backend, channels_last, compile_cache
+    )
+    return _consuming(policy) if donate else policy
+
+
+# Set on the step counter of a TrainState given to a donating step: its other tensors now
+# belong to the TrainState that step returned (whose counter is a new tensor).
+_DONATED = "_functorch_diary_donated"
+
+
+def _consuming(step: Callable) -> Callable:
+    """``step``, refusing a ``TrainState`` it (or another donating step) was given before;
+    an attribute read per call, outside any compiled graph."""
+
+    def run(ts: TrainState, batch: Batch):
+        if getattr(ts.step, _DONATED, False):
+            raise ValueError(
+                "this TrainState was donated to an earlier step (make_train_step(..., "
+                "donate=True)): its tensors now hold that step's results; pass the "
+                "TrainState the step returned (ts, metrics = step(ts, batch))"
+            )
+        out = step(ts, batch)
+        setattr(ts.step, _DONATED, True)
+        return out
+
+    run.__doc__ = step.__doc__
+    run.__wrapped__ = step.__wrapped__
+    return run
 
 
 def make_eval_step(
@@ -428,6 +512,7 @@ def make_eval_step(
     compile_backend: str | Callable = "inductor",
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    compile_cache: str | os.PathLike | None = None,
 ) -> Callable[[TrainState, Batch], tuple[Any, dict[str, Tensor]]]:
     """Build ``eval_step(train_state, (inputs, targets)) -> (outputs, metrics)``.
 
@@ -447,4 +532,6 @@ def make_eval_step(
             metrics = {} if loss_fn is None else {"loss": loss_fn(outputs, targets)}
         return values_out((outputs, metrics))
 
-    return with_compile_policy(eval_step, compile, compile_mode, compile_backend, channels_last)
+    return with_compile_policy(
+        eval_step, compile, compile_mode, compile_backend, channels_last, compile_cache
+    )

@@ -54,21 +54,27 @@ def test_optimizer_update_benchmark_checks_its_sides_agree(optimizer_bench, name
 
 def test_quickest_run_writes_table_json_and_chart(bench, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = ["--models", "lenet", "--arms", "3", "--warmup", "1", "--rounds", "2", "--steps", "2"]
+    argv = ["--models", "lenet", "--arms", "3,5", "--warmup", "1", "--rounds", "2", "--steps", "2"]
     report = bench.main([*argv, "--out", str(out), "--batch", "8"])
 
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "functional" in capsys.readouterr().out
     rows = {row["arm_name"]: row for row in report["results"]}
-    assert set(rows) == {"module", "functional"}
+    assert set(rows) == {"module", "functional", "functional+donate"}
     for row in rows.values():
         assert row["steps"] == 1 + 2 * 2 + 1  # warmup, timed rounds, the memory step
         assert row["step_ms_q1"] <= row["step_ms_median"] <= row["step_ms_q3"]
         assert row["diff_after_steps"] == 1
         assert row["images_per_s"] == pytest.approx(8 / (row["step_ms_median"] / 1e3))
+        # A step allocates (at least its gradients) and its peak is part of that.
+        assert 0 < row["peak_step_mem_mb"] <= row["step_alloc_mb"]
     # The correctness check inside the benchmark: the same weights after the warm-up step.
     assert rows["functional"]["max_abs_param_diff_vs_arm1"] < 1e-5
+    assert rows["functional+donate"]["max_abs_param_diff_vs_arm1"] < 1e-5
+    # The pure step allocates new params and momentum buffers; donated, it writes in place.
+    allocated = {name: row["step_alloc_mb"] for name, row in rows.items()}
+    assert allocated["functional+donate"] < allocated["functional"]
     ratio = report["ratios"]["lenet/float32"]["functional_eager_time_over_module_eager"]
     assert ratio == pytest.approx(
         rows["functional"]["step_ms_median"] / rows["module"]["step_ms_median"]
@@ -78,13 +84,13 @@ def test_quickest_run_writes_table_json_and_chart(bench, tmp_path, capsys):
 def test_defaults_and_bad_arguments(bench):
     quick = bench.parse_args([])
     assert (quick.models, quick.dtypes, quick.label) == (
-        ["lenet", "resnet18"],
+        ["lenet", "resnet18", "mobilenet_v3_small"],
         ["float32"],
         "cpu_quick",
     )
     assert quick.out.name == "compare_cpu_quick.json"
-    assert bench.arms_for(quick, "lenet") == [1, 2, 3, 4]
-    assert bench.arms_for(quick, "resnet18") == [1, 3]
+    assert bench.arms_for(quick) == [1, 2, 3, 4, 5]
+    assert bench.arms_for(bench.parse_args(["--arms", "4"])) == [1, 4]
     full = bench.parse_args(["--full"])
     assert (full.models, full.dtypes) == (list(bench.MODELS), ["float32", "bf16"])
     with pytest.raises(SystemExit):
