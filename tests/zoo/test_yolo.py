@@ -20,5 +20,5 @@ def test_total_stride_sets_the_grid_and_keeps_every_key(stride, grid):
 def test_total_stride_errors():
     with pytest.raises(ValueError, match="total_stride must be 64, 32 or 16, got 8"):
         YoloV1(total_stride=8)
-    with pytest.raises(ValueError, match="divisible by 16 .* got 72"):
+    with pytest.raises(ValueError, match=r"divisible by 16 .* got 72"):
         YoloV1(image_size=72, total_stride=16)

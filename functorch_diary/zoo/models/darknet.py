@@ -133,7 +133,7 @@ class YoloLayer(nn.Module):
         self.anchors, self.num_classes = tuple(anchors), num_classes
 
     def forward(self, x: Tensor, input_size: int) -> Tensor:
-        n, _, h, w = x.shape
+        h, w = x.shape[2:]
         a, attrs = len(self.anchors), 5 + self.num_classes
         # Cell-major, anchor-minor order, as the tutorial's view/transpose produces.
         p = rearrange(x, "n (a k) h w -> n h w a k", a=a, k=attrs)
