@@ -3,6 +3,7 @@ torch.optim twins by name, Dynamo's counters, standard data files written on the
 
 import contextlib
 import gzip
+import pickle
 from collections.abc import Iterator
 
 import numpy as np
@@ -63,3 +64,38 @@ def write_mnist(folder, n_train=20, n_test=10, gz=False):
     for name, array in arrays.items():
         write_idx(folder / name, array, gz=gz)
     return arrays
+
+
+CIFAR_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
+               b"ship", b"truck"]  # fmt: skip
+
+
+def _cifar_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rows of 3072 bytes: class 0 reddish, class 1 bluish, plus noise (learnable)."""
+    rows = rng.integers(0, 96, size=(len(labels), 3072), dtype=np.int64)
+    rows[labels == 0, :1024] += 150  # red plane
+    rows[labels == 1, 2048:] += 150  # blue plane
+    return rows.astype(np.uint8)
+
+
+def write_cifar(folder, per_batch=60, n_test=100, protocol=2, seed=0):
+    """Seven files laid out like cifar-10-batches-py: dicts with bytes keys, as in the
+    Python 2 originals, data (N, 3072) uint8, labels a list of ints."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, n in [*((f"data_batch_{i}", per_batch) for i in range(1, 6)), ("test_batch", n_test)]:
+        labels = rng.integers(0, 2, size=n)
+        batch = {
+            b"batch_label": f"{name} of 5".encode(),
+            b"labels": [int(v) for v in labels],
+            b"data": _cifar_images(labels, rng),
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+        }
+        with open(folder / name, "wb") as handle:
+            pickle.dump(batch, handle, protocol=protocol)
+        written[name] = batch
+    meta = {b"num_cases_per_batch": per_batch, b"label_names": CIFAR_NAMES, b"num_vis": 3072}
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump(meta, handle, protocol=protocol)
+    return written

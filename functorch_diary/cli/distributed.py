@@ -1,6 +1,6 @@
 """The torchrun entry point: data-parallel training of an MLP on the bundled digits::
 
-    torchrun --standalone --nproc-per-node 2 -m functorch_diary.cli.distributed --steps 100
+torchrun --standalone --nproc-per-node 2 -m functorch_diary.cli.distributed --steps 100
 """
 
 from __future__ import annotations

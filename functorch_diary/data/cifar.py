@@ -96,9 +96,25 @@ def _text(key: Any) -> Any:
     return key.decode("latin1") if isinstance(key, bytes) else key
 
 
+#: What pickle and numpy raise on truncated or corrupted bytes (UnicodeDecodeError is a
+#: ValueError).
+_DAMAGED = (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            MemoryError, OverflowError, RecursionError)  # fmt: skip
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
     with open(path, "rb") as handle:
-        loaded = _ArrayUnpickler(handle, path).load()
+        try:
+            loaded = _ArrayUnpickler(handle, path).load()
+        except pickle.UnpicklingError as error:
+            if str(path) in str(error):  # our refusal of a global: already names the file
+                raise
+            raise pickle.UnpicklingError(f"{path} is not a readable pickle: {error}") from error
+        except _DAMAGED as error:
+            # Truncated or corrupted bytes surface as any of these, from pickle or numpy.
+            raise ValueError(
+                f"{path} is truncated or corrupted ({type(error).__name__}: {error})"
+            ) from error
     if not isinstance(loaded, dict):
         raise ValueError(f"{path} is not a CIFAR-10 batch: it holds a {type(loaded).__name__}")
     return {_text(k): v for k, v in loaded.items()}
@@ -114,20 +130,25 @@ def read_batch(path: str | Path) -> tuple[Tensor, Tensor]:
         uint8 images (N, 3, 32, 32) and int64 labels (N,).
 
     Raises:
-        ValueError: the file lacks ``data``/``labels`` or their shapes disagree.
-        pickle.UnpicklingError: the file names anything but numpy's array rebuilders.
+        ValueError: the file is truncated or corrupted, lacks ``data``/``labels``, or
+            their shapes disagree (the message names the file).
+        pickle.UnpicklingError: the file names anything but numpy's array rebuilders, or
+            is not a pickle at all.
     """
     path = Path(path)
     batch = _unpickle(path)
     if "data" not in batch or "labels" not in batch:
         raise ValueError(f"{path} is not a CIFAR-10 batch: keys {sorted(batch)} lack data/labels")
-    data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"], dtype=np.int64)
+    try:
+        data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"], dtype=np.int64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: data/labels are not arrays of numbers ({error})") from error
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise ValueError(
             f"{path}: data must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}"
         )
     if labels.shape != (data.shape[0],):
-        raise ValueError(f"{path}: {data.shape[0]} images but {labels.shape[0]} labels")
+        raise ValueError(f"{path}: {data.shape[0]} images but labels of shape {labels.shape}")
     if labels.size and not (labels.min() >= 0 and labels.max() < 10):
         raise ValueError(f"{path}: labels must lie in [0, 9], got {labels.min()}..{labels.max()}")
     images = torch.from_numpy(data.copy()).view(-1, 3, 32, 32)

@@ -11,6 +11,8 @@ Example:
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -40,15 +42,23 @@ def _find(root: Path, name: str) -> Path | None:
 
 def _read_idx(path: Path, dims: int) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        raw = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise ValueError(f"{path} is a truncated or corrupted gzip file ({error})") from error
     if len(raw) < 4 + 4 * dims or int.from_bytes(raw[:4], "big") != _MAGIC[dims]:
-        raise ValueError(f"{path} is not an IDX file with {dims} dimension(s) (bad header)")
+        raise ValueError(
+            f"{path} is not an IDX file with {dims} dimension(s): bad header "
+            f"(magic {raw[:4].hex() or 'missing'}, expected {_MAGIC[dims]:08x})"
+        )
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims)
-    if body.size != int(np.prod(shape)):
+    # math.prod on Python ints: a forged header's sizes cannot overflow the comparison.
+    if body.size != math.prod(shape):
         raise ValueError(
-            f"{path} is truncated: header says {shape}, found {body.size} bytes of data"
+            f"{path} is truncated or corrupted: header says {shape}, found {body.size} bytes "
+            "of data"
         )
     return body.reshape(shape)
 
@@ -61,7 +71,8 @@ def load_mnist_idx(data_dir: str | Path) -> Split:
 
     Raises:
         FileNotFoundError: naming every missing file and the folders searched.
-        ValueError: a file has a bad header or is truncated.
+        ValueError: a file has a bad header, is truncated or corrupted, or an images file
+            and its labels file disagree on the count (the message names the files).
     """
     root = Path(data_dir)
     found = {name: _find(root, name) for name in MNIST_FILES}
@@ -76,6 +87,17 @@ def load_mnist_idx(data_dir: str | Path) -> Split:
     x_train, y_train, x_test, y_test = (
         _read_idx(found[name], 3 if "images" in name else 1) for name in MNIST_FILES
     )
+    for images_name, labels_name, x, y in (
+        (MNIST_FILES[0], MNIST_FILES[1], x_train, y_train),
+        (MNIST_FILES[2], MNIST_FILES[3], x_test, y_test),
+    ):
+        if len(x) != len(y):
+            raise ValueError(
+                f"{found[images_name]} holds {len(x)} images but {found[labels_name]} holds "
+                f"{len(y)} labels: the two files are from different sets"
+            )
+        if y.size and y.max() > 9:
+            raise ValueError(f"{found[labels_name]}: labels must lie in [0, 9], got {y.max()}")
 
     def images(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)

@@ -112,16 +112,43 @@ def check_leaves(
     return float_dtype, device
 
 
+def _holds_only_numbers(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_holds_only_numbers(item) for item in value)
+    return isinstance(value, (int, float, complex)) and not isinstance(value, bool)
+
+
+def _check_not_array_like(index: int, value: Any) -> None:
+    """Refuse the array-likes a network would choke on with torch's raw argument error.
+
+    Lists of tensors and Python scalars are left alone: a ``forward`` may take them.
+    """
+    if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
+        raise TreeMismatchError(
+            f"input {index}: expected a tensor, got a numpy array of shape {tuple(value.shape)} "
+            f"and dtype {value.dtype}; convert it with torch.from_numpy(x) (and .float() for "
+            "float64 data), on the params' device"
+        )
+    if isinstance(value, (list, tuple)) and _holds_only_numbers(value):
+        raise TreeMismatchError(
+            f"input {index}: expected a tensor, got a Python {type(value).__name__} of "
+            f"numbers (length {len(value)}); convert it with torch.tensor(x, "
+            "dtype=torch.float32), on the params' device"
+        )
+
+
 def check_inputs(
     inputs: Sequence[Any], float_dtype: torch.dtype | None, device: torch.device | None
 ) -> None:
-    """Check that tensor inputs live on the params' device and share their float dtype.
+    """Check that tensor inputs live on the params' device and share their float dtype,
+    and that no input is a numpy array or a list of numbers where a tensor belongs.
 
     This is the diaries' ``FloatTensor`` vs ``cuda.FloatTensor`` and float vs double
     error, caught before the first layer with the input's position in the message.
     """
     for index, value in enumerate(inputs):
         if not isinstance(value, Tensor):
+            _check_not_array_like(index, value)
             continue
         if device is not None and value.device != device:
             raise TreeMismatchError(

@@ -46,10 +46,8 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import torch
-import torchvision
 from torch import Tensor, fx, nn
 from torch.func import grad_and_value
-from torchvision.models.feature_extraction import NodePathTracer
 
 from .. import prng
 from ..training.step import LossFn
@@ -60,20 +58,24 @@ __all__ = ["IntermediateGrads", "intermediate_grads", "intermediates", "node_nam
 
 Names = Sequence[str] | Mapping[str, str]
 
-# torchvision.ops modules and our keyed dropout are leaves: fx records one call for each
-# instead of tracing into Python that branches on tensor values.
-_LEAF_MODULES = [
-    prng.KeyedDropout,
-    *(
-        obj
-        for obj in vars(torchvision.ops).values()
-        if isinstance(obj, type) and issubclass(obj, nn.Module)
-    ),
-]
+def _tracer() -> fx.Tracer:
+    # torchvision is imported here, not with the package: importing it loads its model
+    # zoo and, through torchvision.ops, torch._dynamo, torch._inductor and sympy (seconds
+    # on top of `import torch`) that only a traced model needs.
+    import torchvision
+    from torchvision.models.feature_extraction import NodePathTracer
 
-
-def _tracer() -> NodePathTracer:
-    return NodePathTracer(leaf_modules=_LEAF_MODULES, autowrap_modules=(math, torchvision.ops))
+    # torchvision.ops modules and our keyed dropout are leaves: fx records one call for
+    # each instead of tracing into Python that branches on tensor values.
+    leaves = [
+        prng.KeyedDropout,
+        *(
+            obj
+            for obj in vars(torchvision.ops).values()
+            if isinstance(obj, type) and issubclass(obj, nn.Module)
+        ),
+    ]
+    return NodePathTracer(leaf_modules=leaves, autowrap_modules=(math, torchvision.ops))
 
 
 def _trace(root: nn.Module, train: bool) -> tuple[fx.Graph, dict[fx.Node, str]]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from functorch_diary.cli import main
 from functorch_diary.cli import style as style_cli
 from functorch_diary.zoo.style import VGG19Features
 
@@ -66,3 +67,43 @@ def test_cli_style_missing_image_is_reported_before_loading_weights(files):
     )  # fmt: skip
     with pytest.raises(FileNotFoundError, match=r"nope\.png"):
         args.run(args)
+
+
+def _style_error(capsys, files, **paths) -> str:
+    """Run ``style`` through ``main`` with some files replaced; assert a one-line exit 2."""
+    argv = {"content": files / "content.png", "style": files / "style.png",
+            "weights": files / "vgg19.pth", "out": files / "out.png", **paths}  # fmt: skip
+    command = ["style", *(f for k, v in argv.items() for f in (f"--{k}", str(v)))]
+    assert main([*command, "--steps", "1", "--size", "16", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (files / "out.png").exists()
+    return err
+
+
+def test_garbage_weights_file_is_one_line_naming_it(files, capsys):
+    (files / "junk.pth").write_bytes(b"\x80\x02not really a pickle" * 50)
+    err = _style_error(capsys, files, weights=files / "junk.pth")
+    assert f"--weights {files / 'junk.pth'}" in err and "vgg19" in err
+
+
+def test_weights_of_another_model_are_one_line_naming_the_key(files, capsys):
+    torch.save(torch.nn.Linear(3, 2).state_dict(), files / "linear.pth")
+    err = _style_error(capsys, files, weights=files / "linear.pth")
+    assert f"--weights {files / 'linear.pth'}" in err and "missing 'features.0.weight'" in err
+
+
+def test_content_that_is_not_an_image_is_one_line_naming_it(files, capsys):
+    torch.manual_seed(0)
+    torch.save(VGG19Features().state_dict(), files / "vgg19.pth")
+    (files / "notes.png").write_text("not an image")
+    err = _style_error(capsys, files, content=files / "notes.png")
+    assert f"--content {files / 'notes.png'}" in err and "cannot identify image" in err
+
+
+def test_zero_steps_is_refused(files, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["style", "--content", "a", "--style", "b", "--weights", "c", "--out", "d.png",
+              "--steps", "0"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "argument --steps" in capsys.readouterr().err

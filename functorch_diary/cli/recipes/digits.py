@@ -44,7 +44,9 @@ RECIPES = {
             make_optimizer=_adam,
             epochs=30,
             batch_size=32,
-            lr=5e-3,
+            # 3e-3 with 10% of the images held out for validation: 0.975 test accuracy at
+            # seed 0, where 5e-3 (tuned on all of them) gives 0.944.
+            lr=3e-3,
         ),
         Recipe(
             name="mlp",
