@@ -1,87 +1,128 @@
 """Segmentation and detection recipes: UNet, DeepLabv3 (two norms) and YOLO v1.
 
 They train on the synthetic sets of :mod:`functorch_diary.data.synthetic` (shapes on
-textured backgrounds, generated from the seed, nothing to download), or on a local
-folder with ``--data-dir``. Each training batch goes through the pure keyed
-augmentation of :mod:`functorch_diary.data.augment`, which moves masks and boxes with
-the pixels. Sizes are chosen to reach a result in minutes on a CPU:
+textured backgrounds, generated from the seed, nothing to download); ``unet`` and the
+``deeplab`` recipes read ``--data-dir/train`` and ``--data-dir/test`` image + mask
+folders instead when given. Augmentation is :mod:`functorch_diary.data.augment`'s, pure
+and keyed:
+
+- geometric transforms move the pixels together with the masks or boxes. The ``train``
+  loop augments images only (``Recipe.augment`` sees no targets), so these are drawn
+  once when the data is built: the training split is the generated images followed by
+  one augmented copy of each, from a key of the seed;
+- photometric ones (colour jitter) change no target, and run on every batch.
+
+Sizes are chosen to reach a result in minutes on one CPU core:
 
 - ``unet``: 32x32 images, 4 classes (background + 3 shapes), UNet base width 16, depth 3.
 - ``deeplab`` / ``deeplab-bn``: the same data; DeepLabv3 on a one-block-per-stage
-  ResNet-10 (torchvision's ``BasicBlock``) with ASPP of width 32 at rates (1, 2, 3),
-  GroupNorm(8) with weight-standardised convolutions (seed 004's variant) or BatchNorm.
+  ResNet-10 (torchvision's ``BasicBlock``) with ASPP of width 32 at rates (1, 2, 3), with
+  GroupNorm(8) and weight-standardised convolutions (seed 004's variant) or BatchNorm.
   For 32x32 inputs the stem's max pool is skipped and the last stage is not strided
-  (output stride 4, an 8x8 map), as DeepLab's dilation would do on large images; the
-  keys stay torchvision's.
+  (output stride 4, an 8x8 map), as DeepLab's dilation does on large images; the keys
+  stay torchvision's.
 - ``yolo``: 64x64 images with 1-3 objects, YOLO v1 with widths / 16, a 4x4 grid
   (``total_stride=16``), 2 boxes per cell, hidden width 256; mAP@0.5 after
   confidence filtering and NMS.
+
+:func:`draw_predictions` makes the prediction pictures (masks overlaid with
+``draw_segmentation_masks``, boxes with ``draw_bounding_boxes``).
 """
 
 from __future__ import annotations
 
-import csv
 import math
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torchvision.io import write_png
 from torchvision.models.resnet import BasicBlock
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
-from tqdm.auto import tqdm
 
-from ... import checkpoint, prng
+from ... import prng
 from ...data import augment, batches
 from ...data.folders import load_segmentation_folder
 from ...data.split import Split
 from ...data.synthetic import SHAPES, detection_set, segmentation_set
 from ...model.core import Model
 from ...optim import GradientTransformation, adamw
-from ...training.step import init_train_state, make_eval_step, make_train_step
+from ...training.evaluation import EvalStep
+from ...training.step import TrainState
 from ...zoo import detection
 from ...zoo.losses import yolo_v1_loss
 from ...zoo.models import DeepLabV3, unet, yolo_v1
+from .base import Recipe
 
 __all__ = [
+    "RECIPES",
     "SEGMENTATION_CLASSES",
-    "VISION_TASKS",
-    "VisionTask",
     "augment_detection",
     "augment_segmentation",
     "confusion_matrix",
     "detection_metrics",
+    "draw_predictions",
     "load_detection_data",
     "load_segmentation_data",
     "mean_iou",
     "segmentation_metrics",
     "small_deeplab",
+    "yolo_loss",
 ]
 
 SEGMENTATION_CLASSES = ("background", *SHAPES)
 SEG_SIZE, DET_SIZE = 32, 64
 _YOLO = {"num_classes": len(SHAPES), "boxes": 2, "image_size": DET_SIZE}
 _YOLO_GRID = DET_SIZE // 16
+_DATA_KEY = 20_251_201  # the key of the drawn-once geometric augmentation
 
 
 # ---------------------------------------------------------------------------- data
 
+_SEGMENTATION_GEOMETRY = augment.compose(
+    partial(augment.random_resized_crop, scale=(0.5, 1.0)),
+    augment.random_horizontal_flip,
+    augment.random_vertical_flip,
+    partial(augment.random_rotation, degrees=20.0),
+)
+# Rotations would loosen the boxes and big crops cut objects: shifts and flips.
+_DETECTION_GEOMETRY = augment.compose(
+    partial(augment.random_pad_crop, padding=6),
+    augment.random_horizontal_flip,
+    augment.random_vertical_flip,
+)
+
+
+def augment_segmentation(images: Tensor, masks: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+    """Resized crop (50-100% of the area), flips and rotation (+-20 degrees), the masks
+    moved with the pixels; a pure function of its arguments."""
+    out = _SEGMENTATION_GEOMETRY(augment.VisionBatch(images, masks), key)
+    return out.images, out.masks
+
+
+def augment_detection(images: Tensor, targets: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+    """6-pixel shifts and flips; the packed boxes (``(N, M, 5)``) moved and clamped with the
+    pixels, labels kept."""
+    out = _DETECTION_GEOMETRY(augment.VisionBatch(images, boxes=targets[..., :4]), key)
+    return out.images, torch.cat([out.boxes, targets[..., 4:]], dim=-1)
+
+
+def _with_augmented_copy(x: Tensor, y: Tensor, augment_fn: Callable) -> tuple[Tensor, Tensor]:
+    ax, ay = augment_fn(x, y, prng.key(_DATA_KEY))
+    return torch.cat([x, ax]), torch.cat([y, ay])
+
 
 def load_segmentation_data(data_dir: Path | None, n_train: int = 2000, n_test: int = 500) -> Split:
     """The synthetic segmentation set (train seed 0, test seed 1), or ``data_dir/train``
-    and ``data_dir/test`` folders of images + masks (see :mod:`~functorch_diary.data.folders`)."""
+    and ``data_dir/test`` folders of images + masks (:mod:`~functorch_diary.data.folders`);
+    the training images are followed by one augmented copy of each."""
     if data_dir is not None:
         train, test = (load_segmentation_folder(data_dir / part) for part in ("train", "test"))
-        return Split(*train, *test)
-    train = segmentation_set(n_train, SEG_SIZE, seed=0)
-    test = segmentation_set(n_test, SEG_SIZE, seed=1)
-    return Split(train.images, train.masks, test.images, test.masks)
+    else:
+        train = segmentation_set(n_train, SEG_SIZE, seed=0)
+        test = segmentation_set(n_test, SEG_SIZE, seed=1)
+    return Split(*_with_augmented_copy(*train, augment_segmentation), *test)
 
 
 def _pack(boxes: Tensor, labels: Tensor) -> Tensor:
@@ -90,7 +131,8 @@ def _pack(boxes: Tensor, labels: Tensor) -> Tensor:
 
 
 def load_detection_data(data_dir: Path | None, n_train: int = 2000, n_test: int = 500) -> Split:
-    """The synthetic detection set; targets are ``(N, M, 5)``: XYXY box and label (-1 pads)."""
+    """The synthetic detection set, training images followed by an augmented copy of each;
+    targets are ``(N, M, 5)``: an XYXY box and its label (-1 for padding)."""
     if data_dir is not None:
         raise FileNotFoundError(
             "the yolo recipe trains on its synthetic detection set only: drop --data-dir "
@@ -98,40 +140,14 @@ def load_detection_data(data_dir: Path | None, n_train: int = 2000, n_test: int 
         )
     train = detection_set(n_train, DET_SIZE, seed=0)
     test = detection_set(n_test, DET_SIZE, seed=1)
-    return Split(
-        train.images, _pack(train.boxes, train.labels), test.images, _pack(test.boxes, test.labels)
-    )
+    x, y = _with_augmented_copy(train.images, _pack(train.boxes, train.labels), augment_detection)
+    return Split(x, y, test.images, _pack(test.boxes, test.labels))
 
 
-# ---------------------------------------------------------------------------- augmentation
-
-_SEGMENTATION_PIPELINE = augment.compose(
-    partial(augment.random_resized_crop, scale=(0.5, 1.0)),
-    augment.random_horizontal_flip,
-    augment.random_vertical_flip,
-    partial(augment.random_rotation, degrees=20.0),
-    partial(augment.random_color_jitter, brightness=0.3, contrast=0.3, saturation=0.3),
-)
-# Rotations would loosen the boxes and big crops cut objects: shifts, flips and colour.
-_DETECTION_PIPELINE = augment.compose(
-    partial(augment.random_pad_crop, padding=6),
-    augment.random_horizontal_flip,
-    augment.random_vertical_flip,
-    partial(augment.random_color_jitter, brightness=0.3, contrast=0.3, saturation=0.3),
-)
-
-
-def augment_segmentation(images: Tensor, masks: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-    """Resized crop (50-100% of the area), flips, rotation (+-20 degrees) and colour jitter,
-    the masks moved with the pixels."""
-    out = _SEGMENTATION_PIPELINE(augment.VisionBatch(images, masks), key)
-    return out.images, out.masks
-
-
-def augment_detection(images: Tensor, targets: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-    """6-pixel shifts, flips and colour jitter; boxes moved (and clamped) with the pixels."""
-    out = _DETECTION_PIPELINE(augment.VisionBatch(images, boxes=targets[..., :4]), key)
-    return out.images, torch.cat([out.boxes, targets[..., 4:]], dim=-1)
+def photometric(images: Tensor, key: Tensor) -> Tensor:
+    """Per-batch colour jitter (brightness, contrast, saturation +-30%): no target moves."""
+    jitter = partial(augment.random_color_jitter, brightness=0.3, contrast=0.3, saturation=0.3)
+    return jitter(augment.VisionBatch(images), key).images
 
 
 # ---------------------------------------------------------------------------- models
@@ -179,30 +195,43 @@ def encode_targets(targets: Tensor) -> Tensor:
 
 
 def confusion_matrix(predicted: Tensor, target: Tensor, num_classes: int) -> Tensor:
-    """``(C, C)`` counts: row = true class, column = predicted class."""
+    """``(C, C)`` pixel counts: row = true class, column = predicted class."""
     index = target.reshape(-1) * num_classes + predicted.reshape(-1)
     return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def mean_iou(confusion: Tensor) -> tuple[float, list[float]]:
-    """Mean over classes of ``TP / (TP + FP + FN)`` (classes absent from both sides skipped)."""
+    """Mean over classes of ``TP / (TP + FP + FN)``; a class absent from both the truth
+    and the prediction is NaN in the list and left out of the mean.
+
+    Example:
+        >>> mean_iou(torch.tensor([[3, 1], [0, 2]]))  # IoUs 3/4 and 2/3
+        (0.7083333333333333, [0.75, 0.6666666666666666])
+    """
     tp = confusion.diag().double()
     union = confusion.sum(0).double() + confusion.sum(1).double() - tp
-    ious = [float(t / u) for t, u in zip(tp, union, strict=True) if u > 0]
     per_class = [float(t / u) if u > 0 else math.nan for t, u in zip(tp, union, strict=True)]
-    return sum(ious) / len(ious), per_class
+    present = [v for v in per_class if not math.isnan(v)]
+    return sum(present) / len(present), per_class
 
 
-def _batched_outputs(predict: Callable[[Tensor], Tensor], x: Tensor, batch_size: int = 250):
-    return torch.cat([predict(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+def _outputs(eval_step: EvalStep, ts: TrainState, x: Tensor, y: Tensor, batch_size: int = 250):
+    """Every output of the split, and the loss averaged over its examples."""
+    outputs, loss = [], 0.0
+    for xb, yb in batches(x, y, batch_size, shuffle=False, drop_last=False):
+        out, metrics = eval_step(ts, (xb, yb))
+        outputs.append(out)
+        loss += float(metrics["loss"]) * len(xb) if "loss" in metrics else 0.0
+    return torch.cat(outputs), loss / len(x)
 
 
-def segmentation_metrics(predict: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> dict:
-    """``{"miou": ..., "pixel_accuracy": ..., "iou_<class>": ...}`` on ``(x, y)``."""
-    predicted = _batched_outputs(lambda b: predict(b).argmax(dim=1), x)
-    confusion = confusion_matrix(predicted, y, len(SEGMENTATION_CLASSES))
+def segmentation_metrics(eval_step: EvalStep, ts: TrainState, x: Tensor, y: Tensor) -> dict:
+    """``{"loss", "miou", "pixel_accuracy", "iou_<class>"...}`` of a split."""
+    outputs, loss = _outputs(eval_step, ts, x, y)
+    confusion = confusion_matrix(outputs.argmax(dim=1), y, len(SEGMENTATION_CLASSES))
     miou, per_class = mean_iou(confusion)
-    metrics = {"miou": miou, "pixel_accuracy": float(confusion.diag().sum() / confusion.sum())}
+    metrics = {"loss": loss, "miou": miou,
+               "pixel_accuracy": float(confusion.diag().sum() / confusion.sum())}  # fmt: skip
     metrics.update({f"iou_{n}": v for n, v in zip(SEGMENTATION_CLASSES, per_class, strict=True)})
     return metrics
 
@@ -214,35 +243,23 @@ def _detections(outputs: Tensor, score_threshold: float = 0.01) -> list[detectio
     return detection.postprocess(*decoded, score_threshold=score_threshold, iou_threshold=0.4)
 
 
-def detection_metrics(predict: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> dict:
-    """``{"map50": ..., "ap50_<class>": ...}`` on ``(x, y)``."""
-    found = _detections(_batched_outputs(predict, x))
+def detection_metrics(eval_step: EvalStep, ts: TrainState, x: Tensor, y: Tensor) -> dict:
+    """``{"loss", "map50", "ap50_<class>"...}`` of a split (packed ``(N, M, 5)`` targets)."""
+    outputs, loss = _outputs(eval_step, ts, x, y)
     targets = [(t[t[:, 4] >= 0, :4], t[t[:, 4] >= 0, 4].long()) for t in y]
-    mean, per_class = detection.mean_average_precision(found, targets, len(SHAPES))
-    metrics = {"map50": mean}
+    mean, per_class = detection.mean_average_precision(_detections(outputs), targets, len(SHAPES))
+    metrics = {"loss": loss, "map50": mean}
     metrics.update({f"ap50_{n}": v for n, v in zip(SHAPES, per_class, strict=True)})
     return metrics
 
 
 # ---------------------------------------------------------------------------- pictures
 
+_COLOURS = ["#e6194b", "#3cb44b", "#4363d8"]  # disc, square, triangle
+
 
 def _as_uint8(images: Tensor) -> Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-_COLOURS = ["#e6194b", "#3cb44b", "#4363d8"]
-
-
-def draw_segmentation(images: Tensor, outputs: Tensor, targets: Tensor) -> Tensor:
-    """A uint8 grid: each image with the true mask overlaid, then with the prediction."""
-    predicted = outputs.argmax(dim=1)
-    tiles = []
-    for image, mask in ((i, m) for i, m in zip(images, targets, strict=True)):
-        tiles.append(_overlay(image, mask))
-    for image, mask in zip(images, predicted, strict=True):
-        tiles.append(_overlay(image, mask))
-    return make_grid(torch.stack(tiles), nrow=len(images), padding=2)
 
 
 def _overlay(image: Tensor, mask: Tensor) -> Tensor:
@@ -250,19 +267,31 @@ def _overlay(image: Tensor, mask: Tensor) -> Tensor:
     return draw_segmentation_masks(_as_uint8(image), classes, alpha=0.5, colors=_COLOURS)
 
 
-def draw_detection(images: Tensor, outputs: Tensor, targets: Tensor) -> Tensor:
-    """A uint8 grid: true boxes (white) and predicted boxes with class and score."""
-    tiles = []
-    for image, found, target in zip(images, _detections(outputs, 0.3), targets, strict=True):
-        picture = _as_uint8(image)
-        truth = target[target[:, 4] >= 0, :4]
-        picture = draw_bounding_boxes(picture, truth, colors="white", width=1)
-        labels = [
-            f"{SHAPES[k][0]} {s:.2f}" for k, s in zip(found.labels, found.scores, strict=True)
-        ]
-        colours = [_COLOURS[int(k)] for k in found.labels]
-        picture = draw_bounding_boxes(picture, found.boxes, labels, colors=colours, width=1)
-        tiles.append(picture)
+def _boxes_picture(image: Tensor, found: detection.Detections, target: Tensor) -> Tensor:
+    picture = draw_bounding_boxes(
+        _as_uint8(image), target[target[:, 4] >= 0, :4], colors="white", width=1
+    )
+    labels = [f"{SHAPES[int(k)][0]} {float(p):.2f}" for k, p in zip(*found[2:0:-1], strict=True)]
+    colours = [_COLOURS[int(k)] for k in found.labels]
+    return draw_bounding_boxes(picture, found.boxes, labels, colors=colours, width=1)
+
+
+def draw_predictions(recipe: str, ts: TrainState, images: Tensor, targets: Tensor) -> Tensor:
+    """A uint8 ``(3, H, W)`` picture of a trained recipe's predictions on ``images``.
+
+    Segmentation: one row with the true masks overlaid, one with the predicted masks.
+    Detection: true boxes in white, predicted boxes (score above 0.3, after NMS) in
+    their class colour with class initial and score.
+    """
+    model = RECIPES[recipe].build_model()
+    outputs, _ = model.apply(ts.params, ts.state, images, train=False)
+    if recipe == "yolo":
+        found = _detections(outputs, score_threshold=0.3)
+        tiles = [_boxes_picture(*item) for item in zip(images, found, targets, strict=True)]
+    else:
+        truth = [_overlay(i, m) for i, m in zip(images, targets, strict=True)]
+        predicted = [_overlay(i, m) for i, m in zip(images, outputs.argmax(dim=1), strict=True)]
+        tiles = truth + predicted
     return make_grid(torch.stack(tiles), nrow=len(images), padding=2)
 
 
@@ -282,244 +311,64 @@ def _adamw_cosine(weight_decay: float, lr: float, total_steps: int) -> GradientT
     return adamw(schedule, weight_decay=weight_decay)
 
 
-@dataclass(frozen=True)
-class VisionTask:
-    """A segmentation or detection recipe: what the training loop needs beyond a classifier.
-
-    Attributes:
-        name, description: for the command line.
-        build_model: ``() -> Model``.
-        load_data: ``(data_dir or None) -> Split`` (targets: masks or packed boxes).
-        make_optimizer: ``(lr, total_steps) -> GradientTransformation``.
-        loss_fn: ``(outputs, targets) -> scalar``.
-        augment: ``(images, targets, key) -> (images, targets)``.
-        evaluate: ``(predict, x, y) -> metrics``; ``predict`` maps images to outputs.
-        metric: the headline entry of ``evaluate``'s dict.
-        draw: ``(images, outputs, targets) -> uint8 picture``.
-        epochs, batch_size, lr: defaults.
-    """
-
-    name: str
-    description: str
-    build_model: Callable[[], Model]
-    load_data: Callable[[Path | None], Split]
-    make_optimizer: Callable[[float, int], GradientTransformation]
-    loss_fn: Callable[[Tensor, Tensor], Tensor]
-    augment: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
-    evaluate: Callable[[Callable[[Tensor], Tensor], Tensor, Tensor], dict]
-    metric: str
-    draw: Callable[[Tensor, Tensor, Tensor], Tensor]
-    epochs: int
-    batch_size: int
-    lr: float
-
-
 def _deeplab(num_groups: int | None, weight_std: bool) -> Model:
     return Model(partial(small_deeplab, len(SEGMENTATION_CLASSES), num_groups, weight_std))
 
 
-VISION_TASKS = {
-    task.name: task
-    for task in (
-        VisionTask(
+_SEGMENTATION = {
+    "load_data": load_segmentation_data,
+    "make_optimizer": partial(_adamw_cosine, 1e-4),
+    "augment": photometric,
+    "evaluate": segmentation_metrics,
+    "monitor": "miou",
+    "batch_size": 32,
+}
+
+RECIPES = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe(
             name="unet",
-            description="UNet (base 16, depth 3) on 32x32 synthetic shapes, AdamW, cosine; mIoU",
+            description="UNet (base 16, depth 3) on 32x32 synthetic shapes, AdamW + cosine; mIoU",
             build_model=partial(unet, 3, len(SEGMENTATION_CLASSES), 16, 3),
-            load_data=load_segmentation_data,
-            make_optimizer=partial(_adamw_cosine, 1e-4),
-            loss_fn=F.cross_entropy,
-            augment=augment_segmentation,
-            evaluate=segmentation_metrics,
-            metric="miou",
-            draw=draw_segmentation,
-            epochs=8,
-            batch_size=32,
-            lr=3e-3,
+            epochs=6,
+            lr=1e-2,
+            **_SEGMENTATION,
         ),
-        VisionTask(
+        Recipe(
             name="deeplab",
             description="DeepLabv3 (ResNet-10, GroupNorm + weight standardisation) on 32x32 "
-            "synthetic shapes, AdamW, cosine; mIoU",
+            "synthetic shapes, AdamW + cosine; mIoU",
             build_model=partial(_deeplab, 8, True),
-            load_data=load_segmentation_data,
-            make_optimizer=partial(_adamw_cosine, 1e-4),
-            loss_fn=F.cross_entropy,
-            augment=augment_segmentation,
-            evaluate=segmentation_metrics,
-            metric="miou",
-            draw=draw_segmentation,
-            epochs=8,
-            batch_size=32,
-            lr=2e-3,
+            epochs=3,
+            lr=3e-3,
+            **_SEGMENTATION,
         ),
-        VisionTask(
+        Recipe(
             name="deeplab-bn",
-            description="DeepLabv3 (ResNet-10, BatchNorm) on 32x32 synthetic shapes, AdamW, "
+            description="DeepLabv3 (ResNet-10, BatchNorm) on 32x32 synthetic shapes, AdamW + "
             "cosine; mIoU",
             build_model=partial(_deeplab, None, False),
-            load_data=load_segmentation_data,
-            make_optimizer=partial(_adamw_cosine, 1e-4),
-            loss_fn=F.cross_entropy,
-            augment=augment_segmentation,
-            evaluate=segmentation_metrics,
-            metric="miou",
-            draw=draw_segmentation,
-            epochs=8,
-            batch_size=32,
-            lr=2e-3,
+            epochs=3,
+            lr=3e-3,
+            **_SEGMENTATION,
         ),
-        VisionTask(
+        Recipe(
             name="yolo",
-            description="YOLO v1 (widths / 16, 4x4 grid) on 64x64 synthetic shapes, AdamW, "
+            description="YOLO v1 (widths / 16, 4x4 grid) on 64x64 synthetic shapes, AdamW + "
             "cosine; mAP@0.5",
             build_model=partial(
                 yolo_v1, **_YOLO, width_divisor=16, hidden=256, dropout=0.0, total_stride=16
             ),
             load_data=load_detection_data,
             make_optimizer=partial(_adamw_cosine, 1e-4),
-            loss_fn=yolo_loss,
-            augment=augment_detection,
-            evaluate=detection_metrics,
-            metric="map50",
-            draw=draw_detection,
-            epochs=12,
+            epochs=15,
             batch_size=32,
             lr=1e-3,
+            augment=photometric,
+            loss_fn=yolo_loss,
+            evaluate=detection_metrics,
+            monitor="map50",
         ),
     )
 }
-
-
-# ---------------------------------------------------------------------------- the loop
-
-
-class EpochRecord(NamedTuple):
-    epoch: int
-    train_loss: float
-    metrics: dict
-    seconds: float
-    cpu_seconds: float
-
-
-def train_task(
-    task: VisionTask,
-    *,
-    data_dir: Path | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    compile: bool | None = None,
-    out: Path | None = None,
-    limit: int | None = None,
-    progress: bool = True,
-) -> list[EpochRecord]:
-    """Train ``task``: pure steps over augmented batches, the test metrics after each epoch.
-
-    Args:
-        task: the recipe.
-        data_dir: passed to ``task.load_data``.
-        epochs, batch_size, lr: override the task's defaults (``None`` keeps them).
-        seed: init, batch order and augmentation keys.
-        device, compile: where and how the step runs (``make_train_step``'s policy).
-        out: write ``metrics.csv``, ``loss.png``, ``predictions.png`` and
-            ``checkpoint.fdc`` (the final ``TrainState``) here.
-        limit: use only the first ``limit`` training and test images (quick runs).
-        progress: a tqdm bar over the steps.
-
-    Returns:
-        One :class:`EpochRecord` per epoch.
-    """
-    epochs = task.epochs if epochs is None else epochs
-    batch_size = task.batch_size if batch_size is None else batch_size
-    lr = task.lr if lr is None else lr
-    split = task.load_data(data_dir)
-    x_train, y_train, x_test, y_test = (
-        t[:limit].to(device) if limit else t.to(device) for t in split
-    )
-    if len(x_train) < batch_size:
-        raise ValueError(
-            f"--batch-size {batch_size} is larger than the {len(x_train)} training images"
-        )
-    model = task.build_model()
-    steps_per_epoch = len(x_train) // batch_size
-    optimizer = task.make_optimizer(lr, epochs * steps_per_epoch)
-    ts = init_train_state(model, optimizer, seed, device=device)
-    step = make_train_step(model, task.loss_fn, optimizer, compile=compile)
-    eval_step = make_eval_step(model, compile=compile)
-
-    def predict(images: Tensor) -> Tensor:
-        return eval_step(ts, (images, None))[0]
-
-    aug_key = prng.key(seed + 1, device=device)
-    history: list[EpochRecord] = []
-    wall, cpu = time.perf_counter(), time.process_time()
-    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step")
-    for epoch in range(epochs):
-        losses = []
-        for xb, yb in batches(x_train, y_train, batch_size, seed=seed, epoch=epoch):
-            xb, yb = task.augment(xb, yb, prng.fold_in(aug_key, ts.step))
-            ts, metrics = step(ts, (xb, yb))
-            losses.append(metrics["loss"])
-            bar.update(1)
-        metrics = task.evaluate(predict, x_test, y_test)
-        history.append(
-            EpochRecord(
-                epoch + 1,
-                float(torch.stack(losses).mean()),
-                metrics,
-                time.perf_counter() - wall,
-                time.process_time() - cpu,
-            )
-        )
-        bar.set_postfix(
-            loss=f"{history[-1].train_loss:.4f}", **{task.metric: f"{metrics[task.metric]:.4f}"}
-        )
-    bar.close()
-    if out is not None:
-        _write_outputs(out, task, history, ts, x_test[:8].cpu(), y_test[:8].cpu(), predict)
-    return history
-
-
-def _write_outputs(out, task, history, ts, images, targets, predict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    names = sorted(history[-1].metrics)
-    with open(out / "metrics.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["epoch", "train_loss", *names, "seconds", "cpu_seconds"])
-        for record in history:
-            writer.writerow(
-                [record.epoch, record.train_loss, *(record.metrics[n] for n in names),
-                 record.seconds, record.cpu_seconds]
-            )  # fmt: skip
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    epochs = [r.epoch for r in history]
-    ax.plot(epochs, [r.train_loss for r in history], label="train loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    twin = ax.twinx()
-    twin.plot(epochs, [r.metrics[task.metric] for r in history], color="C1", label=task.metric)
-    twin.set_ylabel(f"test {task.metric}")
-    fig.legend(loc="upper center")
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=100)
-    plt.close(fig)
-    write_png(
-        task.draw(images, predict(images.to(ts.step.device)).cpu(), targets),
-        str(out / "predictions.png"),
-    )
-    checkpoint.save(
-        out / "checkpoint.fdc",
-        ts,
-        metadata={
-            "recipe": task.name,
-            "epochs": len(history),
-            task.metric: history[-1].metrics[task.metric],
-        },
-    )
