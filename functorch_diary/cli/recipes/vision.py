@@ -9,7 +9,8 @@ and keyed:
 - geometric transforms move the pixels together with the masks or boxes. The ``train``
   loop augments images only (``Recipe.augment`` sees no targets), so these are drawn
   once when the data is built: the training split is the generated images followed by
-  one augmented copy of each, from a key of the seed;
+  one augmented copy of each, drawn from a fixed key (the data does not depend on
+  ``--seed``, as the generated images do not);
 - photometric ones (colour jitter) change no target, and run on every batch.
 
 Sizes are chosen to reach a result in minutes on one CPU core:
