@@ -335,7 +335,7 @@ RECIPES = {
             name="unet",
             description="UNet (base 16, depth 3) on 32x32 synthetic shapes, AdamW + cosine; mIoU",
             build_model=partial(unet, 3, len(SEGMENTATION_CLASSES), 16, 3),
-            epochs=6,
+            epochs=14,
             lr=1e-2,
             **_SEGMENTATION,
         ),
@@ -344,8 +344,8 @@ RECIPES = {
             description="DeepLabv3 (ResNet-10, GroupNorm + weight standardisation) on 32x32 "
             "synthetic shapes, AdamW + cosine; mIoU",
             build_model=partial(_deeplab, 8, True),
-            epochs=3,
-            lr=3e-3,
+            epochs=8,
+            lr=5e-3,
             **_SEGMENTATION,
         ),
         Recipe(
@@ -353,8 +353,8 @@ RECIPES = {
             description="DeepLabv3 (ResNet-10, BatchNorm) on 32x32 synthetic shapes, AdamW + "
             "cosine; mIoU",
             build_model=partial(_deeplab, None, False),
-            epochs=3,
-            lr=3e-3,
+            epochs=8,
+            lr=5e-3,
             **_SEGMENTATION,
         ),
         Recipe(
@@ -371,7 +371,7 @@ RECIPES = {
             ),
             load_data=load_detection_data,
             make_optimizer=partial(_adamw_cosine, 1e-4),
-            epochs=10,
+            epochs=25,
             batch_size=32,
             lr=2e-3,
             augment=photometric,
