@@ -1,5 +1,7 @@
-"""Data that needs no download: bundled digits, local MNIST IDX and CIFAR-10 files, batching."""
+"""Data that needs no download: bundled digits, synthetic segmentation/detection sets, local
+MNIST IDX, CIFAR-10, image folders and VOC/COCO boxes, batching, pure augmentation."""
 
+from . import augment, folders, synthetic
 from .batches import batches
 from .cifar import CIFAR10_FILES, cifar10_split, load_cifar10
 from .digits import digits_batch, load_digits
@@ -10,10 +12,13 @@ __all__ = [
     "CIFAR10_FILES",
     "MNIST_FILES",
     "Split",
+    "augment",
     "batches",
     "cifar10_split",
     "digits_batch",
+    "folders",
     "load_cifar10",
     "load_digits",
     "load_mnist_idx",
+    "synthetic",
 ]

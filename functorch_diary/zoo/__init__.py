@@ -1,5 +1,6 @@
-"""The model zoo: networks, layers and losses, and style transfer built on them."""
+"""The model zoo: networks, layers and losses, detection decoding and metrics, darknet
+weights, and style transfer built on them."""
 
-from . import losses, models, partial_conv, style
+from . import darknet_weights, detection, losses, models, partial_conv, style
 
-__all__ = ["losses", "models", "partial_conv", "style"]
+__all__ = ["darknet_weights", "detection", "losses", "models", "partial_conv", "style"]

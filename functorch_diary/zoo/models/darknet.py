@@ -55,6 +55,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from ...model.core import Model
@@ -132,10 +133,10 @@ class YoloLayer(nn.Module):
         self.anchors, self.num_classes = tuple(anchors), num_classes
 
     def forward(self, x: Tensor, input_size: int) -> Tensor:
-        n, _, h, w = x.shape
+        h, w = x.shape[2:]
         a, attrs = len(self.anchors), 5 + self.num_classes
         # Cell-major, anchor-minor order, as the tutorial's view/transpose produces.
-        p = x.view(n, a, attrs, h, w).permute(0, 3, 4, 1, 2)
+        p = rearrange(x, "n (a k) h w -> n h w a k", a=a, k=attrs)
         stride = input_size // h
         rows = torch.arange(h, dtype=x.dtype, device=x.device).view(1, h, 1, 1)
         cols = torch.arange(w, dtype=x.dtype, device=x.device).view(1, 1, w, 1)
@@ -145,7 +146,7 @@ class YoloLayer(nn.Module):
         wh = torch.exp(p[..., 2:4]) * anchors
         scores = torch.sigmoid(p[..., 4:])
         out = torch.cat([cx[..., None], cy[..., None], wh, scores], dim=-1)
-        return out.reshape(n, h * w * a, attrs)
+        return rearrange(out, "n h w a k -> n (h w a) k")
 
 
 def _int(block: Block, index: int, key: str, default: int | None = None) -> int:

@@ -8,6 +8,10 @@ LeakyReLU(0.1). The head flattens the grid, maps it to ``hidden`` features and t
 :func:`functorch_diary.zoo.losses.yolo_v1_loss` (class scores first, then B boxes of
 ``x, y, w, h, confidence``).
 
+``total_stride`` adapts the backbone to small images without changing a key: 32 gives
+the 3x3 convolution that strides by 2 (the 21st) stride 1, 16 does the same to the 7x7
+stem; a 64x64 image then gets a 4x4 grid.
+
 Example:
     >>> import torch
     >>> from functorch_diary.zoo.models import yolo_v1
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from einops import rearrange
 from torch import Tensor, nn
 
 from ...model.core import Model
@@ -37,6 +42,10 @@ _ARCHITECTURE: list = [
     [(1, 512, 1), (3, 1024, 1), 2], (3, 1024, 1), (3, 1024, 2),
     (3, 1024, 1), (3, 1024, 1),
 ]  # fmt: skip
+
+
+# Which strided convolutions (1 = the 7x7 stem, 2 = the 21st) run at stride 1.
+_UNSTRIDED = {64: (), 32: (2,), 16: (1, 2)}
 
 
 def _convolutions() -> list[tuple[int, int, int] | str]:
@@ -60,6 +69,8 @@ class YoloV1(nn.Module):
         width_divisor: every convolution width is divided by this (small test models).
         hidden: width of the head's hidden layer (4096 in the paper).
         dropout: dropout after the hidden layer (0.5 in the paper).
+        total_stride: 64 (the paper), 32 or 16: the backbone's strided convolutions
+            become stride 1, the last first, to keep a finer grid on small images.
     """
 
     def __init__(
@@ -70,20 +81,28 @@ class YoloV1(nn.Module):
         width_divisor: int = 1,
         hidden: int = 4096,
         dropout: float = 0.5,
+        total_stride: int = 64,
     ):
         super().__init__()
-        if image_size % 64:
+        if total_stride not in _UNSTRIDED:
+            raise ValueError(f"total_stride must be 64, 32 or 16, got {total_stride}")
+        if image_size % total_stride:
             raise ValueError(
-                f"image_size must be divisible by 64 (the total stride), got {image_size}"
+                f"image_size must be divisible by {total_stride} (the total stride), "
+                f"got {image_size}"
             )
-        self.grid, self.per_cell = image_size // 64, num_classes + 5 * boxes
+        self.grid, self.per_cell = image_size // total_stride, num_classes + 5 * boxes
         layers: list[nn.Module] = []
         channels = 3
+        strided = 0
         for item in _convolutions():
             if item == "M":
                 layers.append(nn.MaxPool2d(2, 2))
                 continue
             kernel, width, stride = item
+            if stride == 2:
+                strided += 1
+                stride = 1 if strided in _UNSTRIDED[total_stride] else 2
             width //= width_divisor
             layers += [
                 nn.Conv2d(channels, width, kernel, stride, padding=kernel // 2, bias=False),
@@ -102,7 +121,7 @@ class YoloV1(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.head(self.backbone(x))
-        return out.view(-1, self.grid, self.grid, self.per_cell)
+        return rearrange(out, "n (h w k) -> n h w k", h=self.grid, w=self.grid)
 
 
 def yolo_v1(
@@ -112,6 +131,11 @@ def yolo_v1(
     width_divisor: int = 1,
     hidden: int = 4096,
     dropout: float = 0.5,
+    total_stride: int = 64,
 ) -> Model:
     """Functional :class:`YoloV1`; train it with :func:`~functorch_diary.losses.yolo_v1_loss`."""
-    return Model(partial(YoloV1, num_classes, boxes, image_size, width_divisor, hidden, dropout))
+    return Model(
+        partial(
+            YoloV1, num_classes, boxes, image_size, width_divisor, hidden, dropout, total_stride
+        )
+    )
