@@ -32,7 +32,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
 
 __all__ = [
     "VOC_CLASSES",
@@ -59,11 +58,14 @@ class Detection(NamedTuple):
     labels: Tensor
 
 
-def _read_image(path: Path, mode: ImageReadMode = ImageReadMode.RGB) -> Tensor:
+def _read_image(path: Path, gray: bool = False) -> Tensor:
+    # torchvision (and with it torch._dynamo) loads when an image is read, not on import.
+    from torchvision.io import ImageReadMode, decode_image
+
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} not found")
     try:
-        return decode_image(str(path), mode=mode)
+        return decode_image(str(path), mode=ImageReadMode.GRAY if gray else ImageReadMode.RGB)
     except RuntimeError as error:
         raise ValueError(f"{path} is not a readable PNG/JPEG image: {error}") from None
 
@@ -104,7 +106,7 @@ def load_segmentation_folder(
         mask_file = mask_dir / f"{file.stem}.png"
         if not mask_file.is_file():
             raise FileNotFoundError(f"mask {mask_file} for image {file} not found")
-        image, mask = _read_image(file), _read_image(mask_file, ImageReadMode.GRAY)
+        image, mask = _read_image(file), _read_image(mask_file, gray=True)
         if image.shape[1:] != mask.shape[1:] or (xs and image.shape != xs[0].shape):
             raise ValueError(
                 f"{file} is {tuple(image.shape[1:])} and {mask_file} {tuple(mask.shape[1:])}; "
