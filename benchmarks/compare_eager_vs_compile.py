@@ -52,7 +52,7 @@ from torch import nn
 
 import functorch_diary as fd
 from functorch_diary import models, optim
-from functorch_diary.training.compile import ARTIFACTS_FILE, use_compile_cache
+from functorch_diary.training.compile import ARTIFACTS_GLOB, use_compile_cache
 from functorch_diary.tree import tree_clone
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compile_cache is not None:
         # Every compiled arm (module ones too) through the same persistent caches; warm
         # when an earlier run left its artifacts there.
-        cache_state = "warm" if (args.compile_cache / ARTIFACTS_FILE).exists() else "cold"
+        cache_state = "warm" if any(args.compile_cache.glob(ARTIFACTS_GLOB)) else "cold"
         use_compile_cache(args.compile_cache)
     # On a shared machine the load says how far to trust the timings.
     load_at_start = os.getloadavg()

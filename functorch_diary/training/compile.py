@@ -10,14 +10,17 @@ eval and GAN steps all go through :func:`with_compile_policy`.
 ``compile_cache=DIR`` (:func:`use_compile_cache`) compiles once and reuses everywhere:
 Inductor's FX graph cache and AOTAutograd's cache are kept under ``DIR``, so a second
 process building the same step (same model, optimiser, shapes, torch version) loads the
-compiled kernels instead of generating them; ``DIR/artifacts.bin`` holds torch's portable
+compiled kernels instead of generating them; ``DIR/artifacts-*.bin`` hold torch's portable
 cache artifacts (``torch.compiler.save_cache_artifacts``), written after each first
-compile and loaded before it, so copying ``DIR`` to another machine with the same torch
-warms its cache too.
+compile (one file per content, so steps of other processes are never overwritten) and all
+loaded before it, so copying ``DIR`` to another machine with the same torch warms its
+cache too.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
 import types
 from collections.abc import Callable
@@ -30,15 +33,15 @@ from .._torch import enable_compile_caches
 from ..tree import PyTree, tree_leaves, tree_map
 
 __all__ = [
-    "ARTIFACTS_FILE",
+    "ARTIFACTS_GLOB",
     "COMPILE_MODES",
     "to_channels_last",
     "use_compile_cache",
     "with_compile_policy",
 ]
 
-#: The file under a ``compile_cache`` directory holding torch's portable cache artifacts.
-ARTIFACTS_FILE = "artifacts.bin"
+#: The files under a ``compile_cache`` directory holding torch's portable cache artifacts.
+ARTIFACTS_GLOB = "artifacts-*.bin"
 
 #: The ``torch.compile`` modes a step accepts (``None`` means ``"default"``):
 #: ``"reduce-overhead"`` replays CUDA graphs, ``"max-autotune"`` benchmarks kernel choices.
@@ -93,8 +96,7 @@ def use_compile_cache(directory: str | os.PathLike) -> str:
     os.makedirs(path, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     enable_compile_caches()
-    artifacts = os.path.join(path, ARTIFACTS_FILE)
-    if os.path.exists(artifacts):
+    for artifacts in sorted(glob.glob(os.path.join(path, ARTIFACTS_GLOB))):
         with open(artifacts, "rb") as f:
             torch.compiler.load_cache_artifacts(f.read())
     return path
@@ -106,10 +108,12 @@ def _save_artifacts(path: str) -> None:
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         return  # nothing compiled by Inductor (another backend): nothing to carry
-    tmp = os.path.join(path, f".{ARTIFACTS_FILE}.{os.getpid()}.tmp")
+    # Named by content: what another process saved (another step) is never overwritten.
+    name = ARTIFACTS_GLOB.replace("*", hashlib.sha256(saved[0]).hexdigest()[:16])
+    tmp = os.path.join(path, f".{name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(saved[0])
-    os.replace(tmp, os.path.join(path, ARTIFACTS_FILE))
+    os.replace(tmp, os.path.join(path, name))
 
 
 def with_compile_policy(
