@@ -8,6 +8,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -170,6 +171,24 @@ def run_ranks(
     if failed:
         raise AssertionError("\n".join(f"rank {r} exited {c}:\n{e[-3000:]}" for r, c, e in failed))
     return [out for out, _ in outputs]
+
+
+def assert_survivor_reports_the_dead_rank(procs, timeout_s: float, message: str) -> float:
+    """Rank 1 of ``procs`` dies (exit code 7); assert rank 0 fails within ``2 * timeout_s``
+    with ``DistributedError`` ``message``; return how long rank 0 took to notice."""
+    _, err1 = procs[1].communicate(timeout=300)
+    died_at = time.monotonic()
+    try:
+        out0, err0 = procs[0].communicate(timeout=3 * timeout_s)
+    finally:
+        procs[0].kill()
+    waited = time.monotonic() - died_at
+    assert procs[1].returncode == 7, err1
+    assert procs[0].returncode != 0 and "finished" not in out0
+    assert f"DistributedError: {message}" in err0, err0
+    assert "another rank has probably died" in err0
+    assert waited < 2 * timeout_s, f"rank 0 took {waited:.1f}s to notice"
+    return waited
 
 
 def sharded_case(name: str):

@@ -3,12 +3,8 @@ equal 1 process on the whole batch; a dying rank makes the other fail fast and c
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,22 +13,11 @@ from torch import nn
 import functorch_diary as fd
 from functorch_diary import checkpoint, data, models, optim
 from functorch_diary.training import distributed
+from tests.helpers import assert_survivor_reports_the_dead_rank, rank_env, start_ranks
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without torch.distributed"
 )
-
-
-def _env(**extra: str) -> dict[str, str]:
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_path):
@@ -42,7 +27,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "functorch_diary.cli.distributed", "--steps", "10", "--batch-size", "32",
          "--optimizer", "adam", "--lr", "0.01", "--dtype", "float64", "--out", str(out)],
-        check=True, env=_env(), cwd=tmp_path, timeout=300, capture_output=True,
+        check=True, env=rank_env(), cwd=tmp_path, timeout=300, capture_output=True,
     )  # fmt: skip
     model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
     opt = optim.adam(0.01)
@@ -81,31 +66,12 @@ print("finished", flush=True)
 def test_a_dying_rank_makes_the_other_fail_clearly_and_quickly(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    port, timeout_s = str(_free_port()), 20
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(timeout_s)],
-            env=_env(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=tmp_path,
-        )
-        for rank in range(2)
-    ]
-    _, err1 = procs[1].communicate(timeout=300)
-    died_at = time.monotonic()
-    try:
-        out0, err0 = procs[0].communicate(timeout=3 * timeout_s)
-    finally:
-        procs[0].kill()
-    waited = time.monotonic() - died_at
-    assert procs[1].returncode == 7, err1
-    assert procs[0].returncode != 0 and "finished" not in out0
-    assert "DistributedError: rank 0 of 2: all-reduce of the gradients failed" in err0, err0
-    assert "another rank has probably died" in err0
+    timeout_s = 20
+    procs = start_ranks(script, 2, [str(timeout_s)], cwd=tmp_path)
+    waited = assert_survivor_reports_the_dead_rank(
+        procs, timeout_s, "rank 0 of 2: all-reduce of the gradients failed"
+    )
     print(f"rank 0 failed {waited:.1f}s after rank 1 died")
-    assert waited < 2 * timeout_s, f"rank 0 took {waited:.1f}s to notice"
 
 
 def test_single_process_helpers_and_errors():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +15,13 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 import functorch_diary as fd
 from functorch_diary import checkpoint, data, models, optim
 from functorch_diary.training import sharded
-from tests.helpers import SmallBNNet, rank_env, run_ranks, start_ranks
+from tests.helpers import (
+    SmallBNNet,
+    assert_survivor_reports_the_dead_rank,
+    rank_env,
+    run_ranks,
+    start_ranks,
+)
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without torch.distributed"
@@ -216,19 +221,10 @@ def test_a_rank_dying_mid_step_makes_the_other_fail_clearly_and_quickly(tmp_path
     script.write_text(_DYING_WORKER)
     timeout_s = 20
     procs = start_ranks(script, 2, [str(timeout_s)])
-    _, err1 = procs[1].communicate(timeout=300)
-    died_at = time.monotonic()
-    try:
-        out0, err0 = procs[0].communicate(timeout=3 * timeout_s)
-    finally:
-        procs[0].kill()
-    waited = time.monotonic() - died_at
-    assert procs[1].returncode == 7, err1
-    assert procs[0].returncode != 0 and "finished" not in out0
-    assert "DistributedError: rank 0 of 2: sharded step failed in a collective" in err0, err0
-    assert "another rank has probably died" in err0
+    waited = assert_survivor_reports_the_dead_rank(
+        procs, timeout_s, "rank 0 of 2: sharded step failed in a collective"
+    )
     print(f"rank 0 failed {waited:.1f}s after rank 1 died")
-    assert waited < 2 * timeout_s, f"rank 0 took {waited:.1f}s to notice"
 
 
 def test_torchrun_shard_trains_sharded_and_equals_one_process(tmp_path):
