@@ -216,10 +216,12 @@ def run(args: argparse.Namespace) -> int:
         plot_history(result.history, args.out / "metrics.png")
         print(f"wrote {args.out}: metrics.csv, metrics.png, tensorboard/, checkpoints/")
     final = result.history[-1] if result.history else {"train_loss": float("nan")}
-    test = ", ".join(f"test {k} {v:.4f}" for k, v in result.test.items() if k != "accuracy")
+    # The recipe's monitored metric first (accuracy, mIoU, mAP...), then the others.
+    first = recipe.monitor
+    others = ", ".join(f"test {k} {v:.4f}" for k, v in result.test.items() if k != first)
     print(
-        f"test accuracy: {result.test.get('accuracy', float('nan')):.4f} "
-        f"({len(split.x_test)} held-out images; {test}), "
+        f"test {first}: {result.test.get(first, float('nan')):.4f} "
+        f"({len(split.x_test)} held-out images; {others}), "
         f"final train loss {final['train_loss']:.4f}, {time.perf_counter() - start:.1f} s"
     )
     return 0
