@@ -29,7 +29,6 @@ one critic step per generator step, for 3000 steps.
 Example (a tiny run; then the trained generator from its last checkpoint):
     >>> import tempfile
     >>> from pathlib import Path
-from typing import Any
     >>> from functorch_diary.cli import gan, main
     >>> out = Path(tempfile.mkdtemp())
     >>> main(["gan", "sngan", "--steps", "2", "--width", "2", "--batch-size", "4",
