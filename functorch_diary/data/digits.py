@@ -1,7 +1,7 @@
 """Real handwritten digits with no download: scikit-learn's bundled 8x8 digits.
 
 1797 images of 10 digits ship inside scikit-learn itself. They are upsampled to the
-28x28 MNIST geometry so the diaries' LeNet (``16*4*4`` features) runs unchanged.
+28x28 MNIST geometry so LeNet-5 (``16*4*4`` features) runs unchanged.
 
 Example:
     >>> from functorch_diary.data import load_digits

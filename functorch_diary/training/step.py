@@ -1,6 +1,6 @@
 """``TrainState`` and the pure training step built on ``torch.func.grad_and_value``.
 
-The diaries' loop is ``optimizer.zero_grad(); loss.backward(); optimizer.step()`` on
+The usual loop is ``optimizer.zero_grad(); loss.backward(); optimizer.step()`` on
 objects that hold hidden state. Here one pure function maps the whole training state
 and a batch to the next state and the metrics; nothing is mutated, nothing needs zeroing,
 and the same function runs eagerly or as one ``torch.compile`` d graph.

@@ -18,7 +18,7 @@ Sizes are chosen to reach a result in minutes on one CPU core:
 - ``unet``: 32x32 images, 4 classes (background + 3 shapes), UNet base width 16, depth 3.
 - ``deeplab`` / ``deeplab-bn``: the same data; DeepLabv3 on a one-block-per-stage
   ResNet-10 (torchvision's ``BasicBlock``) with ASPP of width 32 at rates (1, 2, 3), with
-  GroupNorm(8) and weight-standardised convolutions (seed 004's variant) or BatchNorm.
+  GroupNorm(8) and weight-standardised convolutions (the DeepLabv3 tutorial's variant) or BatchNorm.
   For 32x32 inputs the stem's max pool is skipped and the last stage is not strided
   (output stride 4, an 8x8 map), as DeepLab's dilation does on large images; the keys
   stay torchvision's.

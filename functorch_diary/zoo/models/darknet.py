@@ -1,6 +1,6 @@
-"""Darknet ``.cfg`` files as functional models: seed 003's ``parse_cfg``/``create_modules``.
+"""Darknet ``.cfg`` files as functional models (``parse_cfg``/``create_modules``).
 
-Seed 003 (section 3.3) sketches the YOLOv3 tutorial's two steps: ``parse_cfg`` turns the
+The YOLOv3 tutorial has two steps: ``parse_cfg`` turns the
 cfg text into a list of blocks (dicts), and ``create_modules`` turns each block into an
 ``nn.Sequential`` inside one ``nn.ModuleList``, naming the layers ``conv_{i}``,
 ``batch_norm_{i}``, ``leaky_{i}``, ... Both steps are written out here, with the parts
@@ -182,7 +182,7 @@ def _sources(block: Block, index: int, count: int) -> list[int]:
 
 
 def create_modules(blocks: list[Block]) -> tuple[Block, nn.ModuleList]:
-    """Seed 003's ``create_modules``: one ``nn.Sequential`` per block after ``[net]``.
+    """The tutorial's ``create_modules``: one ``nn.Sequential`` per block after ``[net]``.
 
     Args:
         blocks: the output of :func:`parse_cfg`; the first must be ``[net]``.

@@ -1,6 +1,6 @@
-"""DeepLabv3 on a ResNet backbone with ASPP: seed 004's section 7 network, functional.
+"""DeepLabv3 on a ResNet backbone with ASPP, functional.
 
-Seed 004's ``ResNet(block, block_num, num_classes, num_groups=None, weight_std=False)``
+The usual DeepLabv3 ``ResNet(block, block_num, num_classes, num_groups=None, weight_std=False)``
 is a torchvision-shaped ResNet whose last stage is dilated instead of strided, whose
 ``fc`` is replaced by ASPP, and whose output is upsampled bilinearly to the input size.
 Its options are kept:
@@ -40,7 +40,7 @@ __all__ = ["ASPP", "DeepLabV3", "WSConv2d", "deeplabv3"]
 
 
 class WSConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with weight standardisation, as seed 004's ``Conv2d``.
+    """``nn.Conv2d`` with weight standardisation, as DeepLabv3's ``Conv2d``.
 
     The weight's mean over (in, kh, kw) is removed and the result divided by its
     (unbiased) standard deviation plus 1e-5; the stored parameter stays the raw weight,
@@ -63,7 +63,7 @@ def _standardise_convs(module: nn.Module, keep: nn.Module) -> None:
 
 
 class ASPP(nn.Module):
-    """Atrous spatial pyramid pooling (seed 004's ``ASPP``): four parallel convolutions
+    """Atrous spatial pyramid pooling (DeepLabv3's ``ASPP``): four parallel convolutions
     (1x1 and 3x3 at three dilation rates) and an image-level pooling branch, each
     followed by a norm and ReLU, concatenated, fused by a 1x1 convolution, classified.
 
@@ -119,7 +119,7 @@ class DeepLabV3(ResNet):
 
     Args:
         block: ``Bottleneck`` (ResNet-50/101/152) or ``BasicBlock`` (18/34).
-        layers: blocks per stage, e.g. ``(3, 8, 36, 3)`` for ResNet-152 as in seed 004.
+        layers: blocks per stage, e.g. ``(3, 8, 36, 3)`` for ResNet-152 (the tutorial's).
         num_classes: segmentation classes.
         num_groups: GroupNorm groups instead of BatchNorm (``None``: BatchNorm).
         weight_std: weight-standardised convolutions everywhere (backbone and ASPP).
@@ -151,7 +151,7 @@ class DeepLabV3(ResNet):
         )
         del self.avgpool, self.fc
         self.aspp = ASPP(512 * block.expansion, aspp_channels, num_classes, aspp_rates, norm)
-        # Seed 004's init: conv weights N(0, sqrt(2 / (k*k*out))) (kaiming fan_out), norms
+        # The tutorial's init: conv weights N(0, sqrt(2 / (k*k*out))) (kaiming fan_out), norms
         # weight 1 bias 0, like torchvision's ResNet init of the backbone.
         for m in self.aspp.modules():
             if isinstance(m, nn.Conv2d):
@@ -184,7 +184,7 @@ def deeplabv3(
     aspp_channels: int = 256,
     aspp_rates: Sequence[int] = (6, 12, 18),
 ) -> Model:
-    """Functional :class:`DeepLabV3`; ``layers=(3, 8, 36, 3)`` is seed 004's ResNet-152.
+    """Functional :class:`DeepLabV3`; ``layers=(3, 8, 36, 3)`` is the tutorial's ResNet-152.
 
     ``block`` is ``"bottleneck"`` (ResNet-50 and deeper) or ``"basic"`` (ResNet-18/34,
     with ``dilate_last=False``); the other arguments are :class:`DeepLabV3`'s.

@@ -1,6 +1,6 @@
-"""UNet with seed 004's ``DoubleConv`` block (section 2), functional.
+"""UNet with the usual ``DoubleConv`` block, functional.
 
-Seed 004 loses time to ``Given groups=1, weight of size 64 3 3 3, expected input[4, 64,
+A classic UNet bug loses time to ``Given groups=1, weight of size 64 3 3 3, expected input[4, 64,
 158, 158] to have 3 channels``: the second convolution of ``DoubleConv`` was built with
 ``in_channels`` instead of ``out_channels``. Here the block takes its widths once and
 the functional model checks every leaf's shape before running, so a wrongly built
@@ -32,7 +32,7 @@ __all__ = ["DoubleConv", "UNet", "unet"]
 
 
 class DoubleConv(nn.Module):
-    """(Conv 3x3 -> BatchNorm -> ReLU) twice: seed 004's block, with its fix applied."""
+    """(Conv 3x3 -> BatchNorm -> ReLU) twice: the usual block, with the classic bug fixed."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()

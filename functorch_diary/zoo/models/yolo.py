@@ -1,4 +1,4 @@
-"""YOLO v1 (seed 000 day 7): a 24-layer convolutional backbone and a fully connected head.
+"""YOLO v1: a 24-layer convolutional backbone and a fully connected head.
 
 The backbone follows Redmon et al. (2016, figure 3): 24 convolutions with 1x1 reductions
 and max pools, total stride 64, so a 448x448 image gives the 7x7 grid. Each convolution
