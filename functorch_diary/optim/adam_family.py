@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 from ..tree import PyTree, tree_map
-from .base import GradientTransformation, chain
+from .base import GradientTransformation, chain, zero_count
 from .fast_path import host_number
-from .foreach_step import Number, addcdiv, cast, scalar_dtype, then, torch_step, where, zero_count
+from .foreach_step import Number, addcdiv, cast, scalar_dtype, then, torch_step, where
 from .transforms import ScalarOrSchedule, track_learning_rate
 
 __all__ = ["AdamaxState", "NAdamState", "RAdamState", "adamax", "nadam", "radam"]

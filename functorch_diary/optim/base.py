@@ -25,14 +25,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from ..model.checks import LeafSpec, TreeMismatchError, check_leaves
-from ..tree import PyTree, tree_add, tree_map
+from ..tree import PyTree, tree_add, tree_leaves, tree_map
 
 __all__ = [
     "NO_UPDATE",
@@ -45,9 +45,11 @@ __all__ = [
     "chain",
     "check_grads",
     "identity",
+    "learning_rate_at",
     "per_example_stage",
     "takes_per_example_grads",
     "updates_where",
+    "zero_count",
 ]
 
 
@@ -289,3 +291,29 @@ def updates_where(condition: Tensor, updates: PyTree) -> PyTree:
         tensor([-0., 1.])
     """
     return tree_map(lambda u: torch.where(condition, u, NO_UPDATE), updates)
+
+
+def zero_count(params: PyTree) -> Tensor:
+    """A step counter at 0 (int64) on the params' device.
+
+    Example:
+        >>> import torch
+        >>> zero_count({"w": torch.ones(2)})
+        tensor(0)
+    """
+    leaves = tree_leaves(params)
+    return torch.zeros((), dtype=torch.int64, device=leaves[0].device if leaves else None)
+
+
+def learning_rate_at(learning_rate: float | Callable[[Tensor], Tensor], count: Tensor) -> Tensor:
+    """The learning rate at step ``count`` as a 0-dim float64 tensor on ``count``'s device
+    (a float, a tensor, or a schedule; a Python float keeps its precision).
+
+    Example:
+        >>> learning_rate_at(lambda step: 0.5 ** step.double(), torch.tensor(2))
+        tensor(0.2500, dtype=torch.float64)
+    """
+    value = learning_rate(count) if callable(learning_rate) else learning_rate
+    if isinstance(value, Tensor):
+        return value.to(device=count.device, dtype=torch.float64)
+    return torch.tensor(value, dtype=torch.float64, device=count.device)

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from ..tree import PyTree, tree_map
-from .base import GradientTransformation, chain
-from .foreach_step import Number, add_scaled, lr_at, scalar_dtype, then, torch_step, zero_count
+from .base import GradientTransformation, chain, learning_rate_at, zero_count
+from .foreach_step import Number, add_scaled, scalar_dtype, then, torch_step
 from .transforms import ScalarOrSchedule, track_learning_rate
 
 __all__ = ["ASGDState", "AdadeltaState", "RpropState", "adadelta", "asgd", "rprop"]
@@ -151,7 +151,7 @@ def asgd(
 
     def init(params: PyTree) -> ASGDState:
         count = zero_count(params)
-        eta = lr_at(lr, count).to(scalar_dtype())
+        eta = learning_rate_at(lr, count).to(scalar_dtype())
         mu = torch.ones((), dtype=scalar_dtype(), device=count.device)
         return ASGDState(count, eta, mu, tree_map(torch.zeros_like, params))
 
@@ -228,7 +228,7 @@ def rprop(
 
     def init(params: PyTree) -> RpropState:
         count = zero_count(params)
-        first = lr_at(lr, count).item() if callable(lr) else lr
+        first = learning_rate_at(lr, count).item() if callable(lr) else lr
         step_size = tree_map(lambda p: torch.full_like(p, first), params)
         return RpropState(count, tree_map(torch.zeros_like, params), step_size)
 

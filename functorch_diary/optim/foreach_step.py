@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..tree import PyTree, tree_leaves
-from .base import GradientTransformation
+from .base import GradientTransformation, learning_rate_at
 from .fast_path import eager_leaves, host_number
 
 __all__ = [
@@ -50,7 +50,6 @@ __all__ = [
     "addcdiv",
     "addcmul",
     "cast",
-    "lr_at",
     "maximum",
     "minimum",
     "scalar_dtype",
@@ -58,7 +57,6 @@ __all__ = [
     "then",
     "torch_step",
     "where",
-    "zero_count",
 ]
 
 #: A step-dependent scalar: a Python float in eager code, a 0-dim float64 tensor when traced.
@@ -82,30 +80,6 @@ def scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def zero_count(params: PyTree) -> Tensor:
-    """A step counter at 0 (int64) on the params' device.
-
-    Example:
-        >>> zero_count({"w": torch.ones(2)})
-        tensor(0)
-    """
-    leaves = tree_leaves(params)
-    return torch.zeros((), dtype=torch.int64, device=leaves[0].device if leaves else None)
-
-
-def lr_at(learning_rate: float | Callable[[Tensor], Tensor], count: Tensor) -> Tensor:
-    """The learning rate at step ``count`` as a float64 tensor (a float, or a schedule).
-
-    Example:
-        >>> lr_at(lambda step: 0.5 ** step.double(), torch.tensor(2))
-        tensor(0.2500, dtype=torch.float64)
-    """
-    value = learning_rate(count) if callable(learning_rate) else learning_rate
-    if isinstance(value, Tensor):
-        return value.to(device=count.device, dtype=torch.float64)
-    return torch.tensor(value, dtype=torch.float64, device=count.device)
-
-
 def step_numbers(
     count: Tensor, learning_rate: float | Callable, *leaf_lists: Sequence[Tensor]
 ) -> tuple[Number, Number]:
@@ -118,10 +92,12 @@ def step_numbers(
     """
     if eager_leaves([count], *leaf_lists):
         done = host_number(count)
-        lr = host_number(lr_at(learning_rate, count)) if callable(learning_rate) else learning_rate
+        lr = learning_rate
+        if callable(learning_rate):
+            lr = host_number(learning_rate_at(learning_rate, count))
         if done is not None and lr is not None:
             return float(done + 1), float(lr)
-    return (count + 1).to(torch.float64), lr_at(learning_rate, count)
+    return (count + 1).to(torch.float64), learning_rate_at(learning_rate, count)
 
 
 def where(condition: bool | Tensor, a: Number, b: Number) -> Number:
@@ -276,6 +252,7 @@ def torch_step(
     Example:
         >>> import torch
         >>> from typing import NamedTuple
+        >>> from functorch_diary.optim.base import zero_count
         >>> class State(NamedTuple):
         ...     count: torch.Tensor
         >>> def sgd_step(grads, params, state, t, lr):

@@ -21,11 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import GradientTransformation, chain
+from .base import GradientTransformation, chain, learning_rate_at
 from .transforms import (
     ScalarOrSchedule,
     add_decayed_weights,
-    learning_rate_at,
     scale,
     scale_by_adam,
     scale_by_learning_rate,

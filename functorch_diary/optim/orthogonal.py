@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from ..tree import PyTree, tree_flatten_with_paths, tree_map
-from .base import GradientTransformation, chain
-from .foreach_step import Number, torch_step, zero_count
+from .base import GradientTransformation, chain, zero_count
+from .foreach_step import Number, torch_step
 from .transforms import ScalarOrSchedule, track_learning_rate
 
 __all__ = ["ADJUST_LR_FNS", "MuonState", "muon", "zeropower_via_newtonschulz"]

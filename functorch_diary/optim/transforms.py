@@ -32,7 +32,13 @@ from torch import Tensor
 
 from ..tree import PyTree, tree_add, tree_leaves, tree_map, tree_scale
 from . import fused
-from .base import EmptyState, GradientTransformation, update_then_apply
+from .base import (
+    EmptyState,
+    GradientTransformation,
+    learning_rate_at,
+    update_then_apply,
+    zero_count,
+)
 from .fast_path import eager_leaves, host_number
 
 __all__ = [
@@ -60,11 +66,6 @@ __all__ = [
 #: A learning-rate schedule: ``step (int64 tensor) -> lr (float64 tensor)``.
 Schedule = Callable[[Tensor], Tensor]
 ScalarOrSchedule = float | Schedule
-
-
-def _zero_count(params: PyTree) -> Tensor:
-    leaves = tree_leaves(params)
-    return torch.zeros((), dtype=torch.int64, device=leaves[0].device if leaves else None)
 
 
 def _flatten(tree: PyTree) -> tuple[list[Tensor], optree.PyTreeSpec]:
@@ -182,7 +183,7 @@ def trace(
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
     def init(params: PyTree) -> TraceState:
-        return TraceState(_zero_count(params), tree_map(torch.zeros_like, params))
+        return TraceState(zero_count(params), tree_map(torch.zeros_like, params))
 
     decay = add_decayed_weights(weight_decay)
 
@@ -289,7 +290,7 @@ def scale_by_adam(
         zeros = tree_map(torch.zeros_like, params)
         nu_max = tree_map(torch.zeros_like, params) if amsgrad else None
         return ScaleByAdamState(
-            _zero_count(params), zeros, tree_map(torch.zeros_like, params), nu_max
+            zero_count(params), zeros, tree_map(torch.zeros_like, params), nu_max
         )
 
     def moments(grads: list[Tensor], state: ScaleByAdamState):
@@ -431,7 +432,7 @@ def scale_by_rms(
 
     def init(params: PyTree) -> ScaleByRmsState:
         grad_avg = tree_map(torch.zeros_like, params) if centered else None
-        count = _zero_count(params) if counted else None
+        count = zero_count(params) if counted else None
         return ScaleByRmsState(tree_map(torch.zeros_like, params), grad_avg, count)
 
     def averages(grads: list[Tensor], state: ScaleByRmsState, spec: optree.PyTreeSpec):
@@ -514,7 +515,7 @@ def scale_by_rss(
 
     def init(params: PyTree) -> ScaleByRssState:
         total = tree_map(lambda p: torch.full_like(p, initial_accumulator_value), params)
-        return ScaleByRssState(total, _zero_count(params) if counted else None)
+        return ScaleByRssState(total, zero_count(params) if counted else None)
 
     def sums(grads: list[Tensor], state: ScaleByRssState, spec: optree.PyTreeSpec):
         """The new state and the denominator ``std`` (a fresh temporary)."""
@@ -568,7 +569,7 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
     """
 
     def init(params: PyTree) -> ScaleByScheduleState:
-        return ScaleByScheduleState(_zero_count(params))
+        return ScaleByScheduleState(zero_count(params))
 
     def update(updates: PyTree, state: ScaleByScheduleState, params: PyTree | None = None):
         grads, spec = _flatten(updates)
@@ -590,19 +591,6 @@ class ScaleByLearningRateState(NamedTuple):
 
     count: Tensor
     lr: Tensor
-
-
-def learning_rate_at(learning_rate: ScalarOrSchedule, count: Tensor) -> Tensor:
-    """The learning rate at step ``count``, a 0-dim float64 tensor on ``count``'s device.
-
-    Example:
-        >>> import torch
-        >>> learning_rate_at(lambda step: 0.5 ** step.double(), torch.tensor(2))
-        tensor(0.2500, dtype=torch.float64)
-    """
-    if callable(learning_rate):
-        return torch.as_tensor(learning_rate(count), device=count.device).to(torch.float64)
-    return torch.as_tensor(learning_rate, dtype=torch.float64, device=count.device)
 
 
 def _advance(
@@ -656,7 +644,7 @@ def track_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransformati
     """
 
     def init(params: PyTree) -> ScaleByLearningRateState:
-        count = _zero_count(params)
+        count = zero_count(params)
         return ScaleByLearningRateState(count, learning_rate_at(learning_rate, count))
 
     def update(updates: PyTree, state: ScaleByLearningRateState, params: PyTree | None = None):
@@ -688,7 +676,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransform
     """
 
     def init(params: PyTree) -> ScaleByLearningRateState:
-        count = _zero_count(params)
+        count = zero_count(params)
         return ScaleByLearningRateState(count, learning_rate_at(learning_rate, count))
 
     def update(updates: PyTree, state: ScaleByLearningRateState, params: PyTree | None = None):
