@@ -61,9 +61,13 @@ import torch
 from torch import Tensor
 
 from ..optim.accumulate import AccumulateState
+from ..optim.adam_family import AdamaxState, NAdamState, RAdamState
 from ..optim.base import EmptyState
+from ..optim.classic import AdadeltaState, ASGDState, RpropState
+from ..optim.factored import AdafactorState
 from ..optim.guard import FiniteGuardState
 from ..optim.masking import MultiTransformState
+from ..optim.orthogonal import MuonState
 from ..optim.transforms import (
     ScaleByAdamState,
     ScaleByLearningRateState,
@@ -173,6 +177,40 @@ register_torch_state(
 register_torch_state(
     ScaleByRssState, TorchStateMap({"sum_of_squares": "sum"}, torch_step=True, state_at_init=True)
 )
+register_torch_state(
+    NAdamState,
+    TorchStateMap(
+        {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"},
+        {"mu_product": "mu_product"},
+        torch_step=True,
+    ),
+)
+register_torch_state(
+    RAdamState, TorchStateMap({"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}, torch_step=True)
+)
+register_torch_state(
+    AdamaxState, TorchStateMap({"exp_avg": "exp_avg", "exp_inf": "exp_inf"}, torch_step=True)
+)
+register_torch_state(
+    AdadeltaState,
+    TorchStateMap({"square_avg": "square_avg", "acc_delta": "acc_delta"}, torch_step=True),
+)
+# torch keeps ASGD's eta and mu per parameter; one optimiser's copies are always equal.
+register_torch_state(
+    ASGDState, TorchStateMap({"ax": "ax"}, {"eta": "eta", "mu": "mu"}, torch_step=True)
+)
+register_torch_state(
+    RpropState, TorchStateMap({"prev": "prev", "step_size": "step_size"}, torch_step=True)
+)
+# Matrices keep row_var and col_var, the other leaves variance (None in the other trees).
+register_torch_state(
+    AdafactorState,
+    TorchStateMap(
+        {"row_var": "row_var", "col_var": "col_var", "variance": "variance"}, torch_step=True
+    ),
+)
+# torch's Muon keeps no step: import takes step= (its count only feeds a schedule).
+register_torch_state(MuonState, TorchStateMap({"momentum_buffer": "momentum_buffer"}))
 
 
 def _pending_micro_steps(state: AccumulateState) -> str | None:
