@@ -1,10 +1,11 @@
 """Hyperparameters as state, after optax's ``inject_hyperparams``.
 
 ``param_groups[0]['lr'] = 0.01`` between steps is how a torch user changes an lr by hand
-(or from a callback, a metric, a search). Here the lr, weight decay and betas of any named
-optimiser can live as 0-dim float64 tensors in the optimiser state: read them there, set
-them with :func:`set_hyperparams`, and a compiled step sees new values of the same inputs,
-so it does not recompile (``tests/optim/test_inject.py`` counts it).
+(or from a callback, a metric, a search). Here the lr, weight decay, betas, momentum and
+dampening of any named optimiser can live as 0-dim float64 tensors in the optimiser
+state: read them there, set them with :func:`set_hyperparams`, and a compiled step sees
+new values of the same inputs, so it does not recompile (``tests/optim/test_inject.py``
+counts it).
 
 Example:
     >>> import torch
@@ -31,8 +32,9 @@ from .base import GradientTransformation, apply_gradients
 __all__ = ["INJECTABLE", "InjectHyperparamsState", "inject_hyperparams", "set_hyperparams"]
 
 
-#: The hyperparameters :func:`inject_hyperparams` keeps as tensors in the state.
-INJECTABLE = ("lr", "weight_decay", "betas")
+#: The hyperparameters :func:`inject_hyperparams` keeps as tensors in the state: those of
+#: torch's ``param_groups`` that a training loop (or a scheduler cycling momentum) sets.
+INJECTABLE = ("lr", "weight_decay", "betas", "momentum", "dampening")
 
 
 class InjectHyperparamsState(NamedTuple):
@@ -46,9 +48,16 @@ class InjectHyperparamsState(NamedTuple):
 def inject_hyperparams(
     make: Callable[..., GradientTransformation],
 ) -> Callable[..., GradientTransformation]:
-    """optax's ``inject_hyperparams``: the ``lr``, ``weight_decay`` and ``betas`` of ``make``
-    (any named optimiser) live as tensors in the optimiser state, where they can be read
-    and set between steps (the functional ``param_groups[0]['lr'] = ...``).
+    """optax's ``inject_hyperparams``: the ``lr``, ``weight_decay``, ``betas``, ``momentum``
+    and ``dampening`` of ``make`` (any named optimiser; those it takes, :data:`INJECTABLE`)
+    live as tensors in the optimiser state, where they can be read and set between steps
+    (the functional ``param_groups[0]['lr'] = ...``, ``['momentum'] = ...``).
+
+    An injected momentum always keeps a momentum buffer (SGD's and RMSprop's
+    ``momentum=0`` then equal torch's buffer-free step to rounding). One difference
+    remains: during steps at momentum 0 the buffer holds the last gradient, where torch
+    leaves its buffer as it was (or makes none), so a momentum set back above 0 after
+    steps at 0 is not torch's step.
 
     The optimiser is rebuilt around the state's tensors on every update; its stages then
     use only tensor arithmetic on them, so a compiled step takes them as inputs and does
@@ -78,6 +87,7 @@ def inject_hyperparams(
     }
 
     def build(**kwargs: Any) -> GradientTransformation:
+        make(**kwargs)  # torch's argument checks, on the floats (not repeated on tensors)
         chosen = {**defaults, **kwargs}
         injected = {k: v for k, v in chosen.items() if k in INJECTABLE and not callable(v)}
         static = {k: v for k, v in kwargs.items() if k not in injected}

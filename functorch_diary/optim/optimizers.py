@@ -66,7 +66,9 @@ def sgd(
         >>> opt.update({"w": torch.ones(1)}, opt.init(p), p)[0]
         {'w': tensor([0.5000])}
     """
-    if not (momentum or nesterov):  # torch keeps no momentum buffer then
+    # torch keeps no momentum buffer then; an injected momentum (a tensor, which may change
+    # between steps, as torch's param_groups[0]['momentum'] may) always keeps one.
+    if not isinstance(momentum, Tensor) and not (momentum or nesterov):
         return chain(
             *_maybe_negate(maximize),
             add_decayed_weights(weight_decay),
@@ -178,7 +180,7 @@ def rmsprop(
         {'w': tensor([-0.0005])}
     """
     stages = [*_maybe_negate(maximize), add_decayed_weights(weight_decay)]
-    if momentum <= 0:
+    if not isinstance(momentum, Tensor) and momentum <= 0:  # injected: see sgd
         # The RMS stage holds the lr, so its addcdiv fuses with the apply, as in torch.
         fused = scale_by_rms(alpha, eps, centered, learning_rate=lr)
         return chain(*stages, track_learning_rate(lr), fused)

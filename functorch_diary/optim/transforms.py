@@ -83,6 +83,12 @@ def _injected(*hyperparams: float | Tensor) -> bool:
     return any(isinstance(h, Tensor) for h in hyperparams)
 
 
+def _scalar(value: float | Tensor, leaves: list[Tensor]) -> float | Tensor:
+    """A hyperparameter as a ``torch._foreach_*`` scalar: a number as it is, a tensor in
+    the leaves' dtype."""
+    return _as_dtype(value, leaves) if isinstance(value, Tensor) else value
+
+
 def _host_numbers(*values: float | Tensor) -> list[float] | None:
     """``values`` as Python numbers for a fused kernel, or ``None`` where one cannot be read
     without a device synchronisation."""
@@ -144,8 +150,8 @@ class TraceState(NamedTuple):
 
 
 def trace(
-    momentum: float,
-    dampening: float = 0.0,
+    momentum: float | Tensor,
+    dampening: float | Tensor = 0.0,
     nesterov: bool = False,
     *,
     weight_decay: float = 0.0,
@@ -158,8 +164,10 @@ def trace(
     ``g + momentum * buf``, otherwise ``buf``.
 
     Args:
-        momentum: the momentum factor.
-        dampening: how much of the gradient is held back from the buffer (after step 1).
+        momentum: the momentum factor (a 0-dim tensor when injected, see
+            :func:`~functorch_diary.optim.inject_hyperparams`).
+        dampening: how much of the gradient is held back from the buffer (after step 1;
+            a tensor when injected).
         nesterov: use Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
         weight_decay: torch's (coupled) ``weight_decay``, ``g + weight_decay * p``, added
             first: :func:`add_decayed_weights` inside this stage, so that the fused step
@@ -179,7 +187,8 @@ def trace(
         >>> t.update({"w": torch.ones(1)}, s)[0]
         {'w': tensor([1.9000])}
     """
-    if nesterov and (momentum <= 0 or dampening != 0):
+    # Injected (tensor) values are checked as floats when inject_hyperparams builds.
+    if nesterov and not _injected(momentum, dampening) and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
     def init(params: PyTree) -> TraceState:
@@ -193,14 +202,21 @@ def trace(
         if not grads:
             return updates, TraceState(state.count + 1, state.trace)
         # torch's kernels, in torch's rounding: buf * momentum, then + (1 - dampening) * g.
-        buf = torch._foreach_mul(tree_leaves(state.trace), momentum)
-        torch._foreach_add_(buf, grads, alpha=1.0 - dampening)
-        if dampening != 0.0:
+        # Injected (tensor) values take separate kernels, as an alpha must be a number.
+        buf = torch._foreach_mul(tree_leaves(state.trace), _scalar(momentum, grads))
+        if _injected(dampening):
+            torch._foreach_add_(buf, torch._foreach_mul(grads, _as_dtype(1 - dampening, grads)))
+        else:
+            torch._foreach_add_(buf, grads, alpha=1.0 - dampening)
+        if _injected(dampening) or dampening != 0.0:
             # torch's first buffer is g itself (from zeros, that is the sum above only
             # without dampening): chosen on the count tensor, not a Python branch.
             first = state.count == 0
             buf = [torch.where(first, g, b) for g, b in zip(grads, buf, strict=True)]
-        out = torch._foreach_add(grads, buf, alpha=momentum) if nesterov else buf
+        if nesterov and _injected(momentum):
+            out = torch._foreach_add(grads, torch._foreach_mul(buf, _as_dtype(momentum, grads)))
+        else:
+            out = torch._foreach_add(grads, buf, alpha=momentum) if nesterov else buf
         if learning_rate is not None:
             out = torch._foreach_mul(
                 out, _as_dtype(-learning_rate_at(learning_rate, state.count), out)
@@ -211,17 +227,19 @@ def trace(
         grads, spec, base, lr = _fast_path_inputs(
             updates, state, params, learning_rate, (state.trace,)
         )
-        numbers = _host_numbers(state.count, weight_decay) if lr is not None else None
+        numbers = None
+        if lr is not None:
+            numbers = _host_numbers(state.count, weight_decay, momentum, dampening)
         if numbers is None:
             return update_then_apply(update, updates, state, params)
-        done, decay = numbers
+        done, decay, momentum_now, dampening_now = numbers
         new_params, buffers = fused.sgd(
             base,
             grads,
             tree_leaves(state.trace),
             lr=lr,
-            momentum=momentum,
-            dampening=dampening,
+            momentum=momentum_now,
+            dampening=dampening_now,
             nesterov=nesterov,
             weight_decay=decay,
             first_step=done == 0,
@@ -683,8 +701,11 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransform
         grads, spec = _flatten(updates)
         if not grads:
             return updates, _advance(state, learning_rate)
-        # A constant lr stays a Python float: the cheapest foreach overload.
-        factor = _as_dtype(-state.lr, grads) if callable(learning_rate) else -learning_rate
+        # A constant lr stays a Python float: the cheapest foreach overload. A schedule is
+        # read at this step, as the fused path reads it (not state.lr, which an
+        # inject_hyperparams lr set since the last step would leave one step behind).
+        lr_now = learning_rate_at(learning_rate, state.count) if callable(learning_rate) else None
+        factor = _as_dtype(-lr_now, grads) if lr_now is not None else -learning_rate
         return _like(spec, torch._foreach_mul(grads, factor)), _advance(state, learning_rate)
 
     def update_and_apply(updates: PyTree, state: ScaleByLearningRateState, params: PyTree):

@@ -56,10 +56,50 @@ def test_changing_the_injected_lr_between_steps_is_torch_setting_param_groups(na
     assert_trees_close(params, expected, rtol=1e-12, atol=1e-12)
 
 
+# torch's param_groups[0] values before each step: momentum (and SGD's dampening) change
+# as a loop or a momentum-cycling scheduler changes them. Never 0 then back: see the
+# inject_hyperparams docstring.
+MOMENTA = [0.9, 0.5, 0.95, 0.3, 0.7]
+DAMPENINGS = [0.0, 0.1, 0.0, 0.3, 0.2]
+
+
+@pytest.mark.parametrize("path", ["update", "apply_gradients"])
+@pytest.mark.parametrize("name", ["sgd", "rmsprop"])
+def test_changing_the_injected_momentum_between_steps_is_torch_setting_param_groups(name, path):
+    kwargs = {"lr": 0.05, "momentum": MOMENTA[0], "weight_decay": 1e-2}
+    params = _tree(0)
+    tensors = [nn.Parameter(v.clone()) for v in params.values()]
+    torch_opt = TORCH[name](tensors, foreach=True, **kwargs)
+    opt = optim.inject_hyperparams(getattr(optim, name))(**kwargs)
+    state = opt.init(params)
+    for step, momentum in enumerate(MOMENTA):
+        grads = _tree(step + 1)
+        changes = {"momentum": momentum}
+        if name == "sgd":
+            changes["dampening"] = DAMPENINGS[step]
+        torch_opt.param_groups[0].update(changes)
+        for t, g in zip(tensors, grads.values(), strict=True):
+            t.grad = g.clone()
+        torch_opt.step()
+        state = optim.set_hyperparams(state, **changes)
+        if path == "update":
+            updates, state = opt.update(grads, state, params)
+            params = optim.apply_updates(params, updates)
+        else:
+            params, state = optim.apply_gradients(opt, grads, state, params)
+    expected = {k: t.detach() for k, t in zip(params, tensors, strict=True)}
+    assert_trees_close(params, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_injected_hyperparameters_are_checked_as_torch_checks_them():
+    with pytest.raises(ValueError, match="Nesterov momentum requires a momentum"):
+        optim.inject_hyperparams(optim.sgd)(lr=0.1, momentum=0.0, nesterov=True)
+
+
 def test_set_hyperparams_names_what_is_not_injected():
-    state = optim.inject_hyperparams(optim.sgd)(lr=0.1).init(_tree(0))
-    with pytest.raises(ValueError, match="momentum"):
-        optim.set_hyperparams(state, momentum=0.5)
+    state = optim.inject_hyperparams(optim.adam)(lr=0.1).init(_tree(0))
+    with pytest.raises(ValueError, match="eps"):
+        optim.set_hyperparams(state, eps=1e-6)
 
 
 def test_a_compiled_step_does_not_recompile_when_hyperparameters_change():
@@ -85,3 +125,37 @@ def test_a_compiled_step_does_not_recompile_when_hyperparameters_change():
             params, state = step(grads, state, params)
     assert seen == {"graphs": 0, "breaks": 0}
     assert float(optim.current_lr(state)) == pytest.approx(0.04)
+
+
+def test_a_compiled_sgd_step_does_not_recompile_when_its_momentum_changes():
+    """SGD's lr, momentum and dampening change every step: 0 new graphs after the first,
+    and the params are torch's with param_groups[0] changed the same way."""
+    torch._dynamo.reset()
+    kwargs = {"lr": 0.05, "momentum": MOMENTA[0], "weight_decay": 1e-2}
+    opt = optim.inject_hyperparams(optim.sgd)(**kwargs)
+    params = _tree(0)
+    tensors = [nn.Parameter(v.clone()) for v in params.values()]
+    torch_opt = torch.optim.SGD(tensors, foreach=True, **kwargs)
+    state = opt.init(params)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(grads, state, params):
+        return optim.apply_gradients(opt, grads, state, params)
+
+    def both(i):
+        nonlocal params, state
+        changes = {"lr": 0.05 / (i + 1), "momentum": MOMENTA[i], "dampening": DAMPENINGS[i]}
+        grads = _tree(i + 1)
+        torch_opt.param_groups[0].update(changes)
+        for t, g in zip(tensors, grads.values(), strict=True):
+            t.grad = g.clone()
+        torch_opt.step()
+        params, state = step(grads, optim.set_hyperparams(state, **changes), params)
+
+    both(0)
+    with dynamo_counts() as seen:
+        for i in range(1, len(MOMENTA)):
+            both(i)
+    assert seen == {"graphs": 0, "breaks": 0}
+    expected = {k: t.detach() for k, t in zip(params, tensors, strict=True)}
+    assert_trees_close(params, expected, rtol=1e-12, atol=1e-12)
