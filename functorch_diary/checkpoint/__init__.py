@@ -10,6 +10,7 @@ from .torch_files import load_torch_file
 
 _INTEROP = (
     "export_optimizer_state",
+    "export_scheduler_state",
     "import_optimizer_state",
     "register_torch_state",
     "register_torch_wrapper",

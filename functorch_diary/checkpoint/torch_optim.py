@@ -57,6 +57,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import optree
 import torch
 from torch import Tensor
 
@@ -66,8 +67,10 @@ from ..optim.base import EmptyState
 from ..optim.classic import AdadeltaState, ASGDState, RpropState
 from ..optim.factored import AdafactorState
 from ..optim.guard import FiniteGuardState
+from ..optim.inject import InjectHyperparamsState, set_hyperparams
 from ..optim.masking import MultiTransformState
 from ..optim.orthogonal import MuonState
+from ..optim.schedules import ReduceLROnPlateauState
 from ..optim.transforms import (
     ScaleByAdamState,
     ScaleByLearningRateState,
@@ -76,12 +79,14 @@ from ..optim.transforms import (
     ScaleByScheduleState,
     TraceState,
 )
+from ..tree import tree_map
 from .format import CheckpointError, is_namedtuple
 
 __all__ = [
     "TorchStateMap",
     "TorchWrapperMap",
     "export_optimizer_state",
+    "export_scheduler_state",
     "import_optimizer_state",
     "register_torch_state",
     "register_torch_wrapper",
@@ -124,12 +129,20 @@ class TorchWrapperMap(NamedTuple):
         inners: ``state -> {key: inner state}``.
         rebuild: ``(state, {key: new inner state}) -> new state``.
         refuse_export: ``state -> reason or None``: why this state cannot be exported now.
+        group_values: ``state -> {key: value}``: values this state holds that torch keeps
+            in the ``param_groups`` of its parameters (``inject_hyperparams``' ``lr``,
+            ``momentum``, ...); export writes them there, over its inner stages' ``lr``.
+        from_group: ``(state, {key: value}) -> state``: the state with those values read
+            from the torch param groups of its parameters (given the keys of
+            ``group_values`` that the groups have).
     """
 
     name: str
     inners: Callable[[Any], Mapping[Hashable, Any]]
     rebuild: Callable[[Any, Mapping[Hashable, Any]], Any]
     refuse_export: Callable[[Any], str | None] = lambda state: None
+    group_values: Callable[[Any], Mapping[str, Any]] | None = None
+    from_group: Callable[[Any, Mapping[str, Any]], Any] | None = None
 
 
 _STATES: dict[type, TorchStateMap] = {}
@@ -250,25 +263,66 @@ register_torch_wrapper(
 )
 
 
+GroupFn = Callable[[list[Any], str], tuple[list[Any], list[str]]]
+WrapperFn = Callable[[TorchWrapperMap, Any, list[str], str], Any]
+
+
+def _injected_values(state: InjectHyperparamsState) -> dict[str, Any]:
+    return {key: tree_map(float, value) for key, value in state.hyperparams.items()}
+
+
+def _with_injected(state: InjectHyperparamsState, values: Mapping[str, Any]) -> Any:
+    # torch keeps betas as a tuple; a state_dict read back from JSON may hold a list.
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return set_hyperparams(state, **values) if values else state
+
+
+register_torch_wrapper(
+    InjectHyperparamsState,
+    TorchWrapperMap(
+        "inject_hyperparams",
+        lambda s: {"inner": s.inner},
+        lambda s, new: s._replace(inner=new["inner"]),
+        group_values=_injected_values,
+        from_group=_with_injected,
+    ),
+)
+# The plateau counters live in torch's scheduler, not its optimiser: see
+# export_scheduler_state and import_optimizer_state(scheduler=...).
+register_torch_wrapper(
+    ReduceLROnPlateauState,
+    TorchWrapperMap(
+        "reduce_lr_on_plateau", lambda s: {"lr": s.lr}, lambda s, new: s._replace(lr=new["lr"])
+    ),
+)
+
+
 def _map_groups(
-    state: Any, fn: Callable[[list[Any], str], list[Any]], path: str, *, exporting: bool
-) -> Any:
-    """``state`` with every group of registered stages replaced by ``fn(stages, path)``,
-    walking into registered wrappers; a state in neither registry is refused."""
+    state: Any, fn: GroupFn, path: str, *, exporting: bool, on_wrapper: WrapperFn | None = None
+) -> tuple[Any, list[str]]:
+    """``state`` with every group of registered stages replaced by ``fn(stages, path)``
+    (which returns the new stages and the params they cover), walking into registered
+    wrappers (then ``on_wrapper(map, new wrapper state, params it covers, path)`` gives
+    the wrapper's state); a state in neither registry is refused. Returns the new state
+    and the params it covers."""
     chained = isinstance(state, tuple) and not is_namedtuple(state)
     items = list(state) if chained else [state]
     positions = [i for i, item in enumerate(items) if type(item) in _STATES]
     out = list(items)
+    covered: list[str] = []
     if positions:
         group_path = path if not chained else f"{path}[{','.join(map(str, positions))}]"
-        for i, new in zip(positions, fn([items[i] for i in positions], group_path), strict=True):
+        new_stages, covered = fn([items[i] for i in positions], group_path)
+        for i, new in zip(positions, new_stages, strict=True):
             out[i] = new
     for i, item in enumerate(items):
         if type(item) in _STATES:
             continue
         where = f"{path}[{i}]" if chained else path
         if chained and isinstance(item, tuple) and not is_namedtuple(item):
-            out[i] = _map_groups(item, fn, where, exporting=exporting)  # a nested chain
+            # a nested chain
+            out[i], more = _map_groups(item, fn, where, exporting=exporting, on_wrapper=on_wrapper)
+            covered += more
             continue
         wrapper = _WRAPPERS.get(type(item))
         if wrapper is None:
@@ -280,12 +334,17 @@ def _map_groups(
         reason = wrapper.refuse_export(item) if exporting else None
         if reason is not None:
             raise CheckpointError(f"cannot export the {wrapper.name} state at {where}: {reason}")
-        inners = {
-            key: _map_groups(inner, fn, f"{where}.{key}", exporting=exporting)
-            for key, inner in wrapper.inners(item).items()
-        }
+        inners, inside = {}, []
+        for key, inner in wrapper.inners(item).items():
+            inners[key], more = _map_groups(
+                inner, fn, f"{where}.{key}", exporting=exporting, on_wrapper=on_wrapper
+            )
+            inside += more
         out[i] = wrapper.rebuild(item, inners)
-    return tuple(out) if chained else out[0]
+        if on_wrapper is not None:
+            out[i] = on_wrapper(wrapper, out[i], inside, where)
+        covered += inside
+    return (tuple(out) if chained else out[0]), list(dict.fromkeys(covered))
 
 
 def _count(stage: Any) -> Tensor | None:
@@ -358,6 +417,9 @@ def export_optimizer_state(
         )
     index = {name: i for i, name in enumerate(names)}
     state: dict[int, dict[str, Tensor]] = {}
+    groups = [dict(group) for group in param_groups]
+    group_of = {names[i]: g for g, group in enumerate(groups) for i in group["params"]}
+    written: dict[tuple[int, str], Any] = {}
 
     def put(name: str, key: str, value: Tensor, path: str) -> None:
         entry = state.setdefault(index[name], {})
@@ -365,13 +427,35 @@ def export_optimizer_state(
             raise CheckpointError(f"{path}: param {name!r} has two {key!r} buffers")
         entry[key] = value
 
-    def export_group(stages: list[Any], path: str) -> list[Any]:
+    def write(members: list[str], values: Mapping[str, Any], path: str, *, over: bool) -> None:
+        """Put ``values`` in the torch param groups holding ``members``; a wrapper's
+        (``over``) replace its inner stages', two stages' must agree."""
+        for g in sorted({group_of[n] for n in members if n in group_of}):
+            for key, value in values.items():
+                if key not in groups[g]:
+                    raise CheckpointError(
+                        f"{path}: torch's param group {g} has no {key!r} for this state's "
+                        f"value {value}; is it another torch optimiser's param_groups?"
+                    )
+                if not over and written.get((g, key), value) != value:
+                    raise CheckpointError(
+                        f"{path}: torch's param group {g} holds parameters of stages with "
+                        f"different {key!r} ({written[g, key]} and {value}); give them "
+                        "separate torch param groups"
+                    )
+                written[g, key] = groups[g][key] = value
+
+    def export_group(stages: list[Any], path: str) -> tuple[list[Any], list[str]]:
         maps = [_STATES[type(s)] for s in stages]
         step = _steps_taken(stages)
+        members = _members(stages, path, names)
+        for stage, mapping in zip(stages, maps, strict=True):
+            if mapping.lr is not None:  # what torch's scheduler (or loop) set
+                write(members, {"lr": float(getattr(stage, mapping.lr))}, path, over=False)
         # torch creates its per-parameter state on the first step (Adagrad: at construction).
         if step == 0 and not any(m.state_at_init for m in maps):
-            return stages
-        for name in _members(stages, path, names):
+            return stages, members
+        for name in members:
             for stage, mapping in zip(stages, maps, strict=True):
                 if mapping.torch_step:
                     # torch keeps the step as a float32 tensor per parameter.
@@ -381,10 +465,15 @@ def export_optimizer_state(
                         put(name, mapping.buffers[field_name], tree[name].detach().clone(), path)
                 for field_name, key in mapping.scalars.items():
                     put(name, key, getattr(stage, field_name).detach().clone(), path)
-        return stages
+        return stages, members
 
-    _map_groups(opt_state, export_group, "opt_state", exporting=True)
-    return {"state": state, "param_groups": [dict(group) for group in param_groups]}
+    def export_wrapper(wrapper: TorchWrapperMap, item: Any, members: list[str], where: str):
+        if wrapper.group_values is not None:
+            write(members, wrapper.group_values(item), where, over=True)
+        return item
+
+    _map_groups(opt_state, export_group, "opt_state", exporting=True, on_wrapper=export_wrapper)
+    return {"state": state, "param_groups": groups}
 
 
 def import_optimizer_state(
@@ -393,8 +482,9 @@ def import_optimizer_state(
     params: Mapping[str, Tensor],
     *,
     step: int | None = None,
+    scheduler: Mapping[str, Any] | None = None,
 ) -> Any:
-    """A ``torch.optim`` ``state_dict`` as our optimiser state.
+    """A ``torch.optim`` ``state_dict`` (and its scheduler's) as our optimiser state.
 
     Args:
         state_dict: ``torch_optimizer.state_dict()``.
@@ -402,17 +492,27 @@ def import_optimizer_state(
             optimiser: it says which stages and wrappers the state has.
         params: the params dict, in the order torch numbered the parameters.
         step: the number of steps taken, for optimisers whose torch state has no step
-            (SGD). Default: torch's ``step``, else 1 if there are momentum buffers, else 0.
+            (SGD, Muon). Default: torch's ``step``, else the ``scheduler``'s
+            ``last_epoch`` (a scheduler stepped once per optimiser step), else 1 if
+            there are momentum buffers, else 0.
+        scheduler: ``torch_scheduler.state_dict()``, if the run has one. A
+            ``ReduceLROnPlateau``'s ``best``, ``num_bad_epochs`` and ``cooldown_counter``
+            go into the :func:`~functorch_diary.optim.reduce_lr_on_plateau` stage (whose
+            options must be the scheduler's); another scheduler gives the step count.
+            The schedule itself is the optimiser's (a function of the step count).
 
     Returns:
         The optimiser state, with tensors on the template's devices and dtypes. A
         learning rate stage takes the ``lr`` of the torch param groups holding its
-        parameters (what a scheduler set).
+        parameters (what a scheduler set), and an
+        :func:`~functorch_diary.optim.inject_hyperparams` state its hyperparameters
+        (``lr``, ``momentum``, ``betas``, ...: what a loop or a momentum-cycling
+        scheduler set).
 
     Raises:
         CheckpointError: the state does not match the params or the optimiser (e.g. it
-            holds buffers this optimiser has no place for), or a stage or wrapper has no
-            torch equivalent.
+            holds buffers this optimiser has no place for), a stage or wrapper has no
+            torch equivalent, or the plateau scheduler's options differ from the stage's.
     """
     names = list(params)
     torch_state = state_dict.get("state", {})
@@ -421,15 +521,17 @@ def import_optimizer_state(
         raise CheckpointError(
             f"state_dict has parameter indices {unknown} outside 0..{len(names) - 1}"
         )
-    group_lr = {}
+    group_of: dict[str, Mapping[str, Any]] = {}
     for group in state_dict.get("param_groups", []):
         for i in group.get("params", []):
             if isinstance(i, int) and 0 <= i < len(names):
-                group_lr[names[i]] = group.get("lr")
+                group_of[names[i]] = group
     index = {name: i for i, name in enumerate(names)}
     consumed: set[tuple[int, str]] = set()
+    plateau = scheduler is not None and _is_plateau(scheduler)
+    scheduler_steps = None if scheduler is None or plateau else int(scheduler["last_epoch"])
 
-    def import_group(stages: list[Any], path: str) -> list[Any]:
+    def import_group(stages: list[Any], path: str) -> tuple[list[Any], list[str]]:
         maps = [_STATES[type(s)] for s in stages]
         members = _members(stages, path, names)
         rows = {name: torch_state.get(index[name], {}) for name in members}
@@ -488,9 +590,11 @@ def import_optimizer_state(
                     started = True
             changes_of.append(changes)
         taken = step
+        if taken is None and steps:
+            taken = int(steps.pop())
         if taken is None:
-            taken = int(steps.pop()) if steps else int(started)
-        lrs = {group_lr.get(n) for n in members} - {None}
+            taken = scheduler_steps if scheduler_steps is not None else int(started)
+        lrs = {group_of.get(n, {}).get("lr") for n in members} - {None}
         for stage, mapping, changes in zip(stages, maps, changes_of, strict=True):
             count = _count(stage)
             if count is not None:
@@ -511,9 +615,29 @@ def import_optimizer_state(
                     )
                 changes[mapping.lr] = torch.full_like(getattr(stage, mapping.lr), next(iter(lrs)))
             new_stages.append(stage._replace(**changes))
-        return new_stages
+        return new_stages, members
 
-    result = _map_groups(opt_state_like, import_group, "opt_state", exporting=False)
+    def import_wrapper(wrapper: TorchWrapperMap, item: Any, members: list[str], where: str):
+        if wrapper.from_group is None or wrapper.group_values is None:
+            return item
+        values = {}
+        for key in wrapper.group_values(item):
+            found = [group_of[n][key] for n in members if key in group_of.get(n, {})]
+            if any(value != found[0] for value in found):
+                raise CheckpointError(
+                    f"the parameters of {where} are in torch param groups with different "
+                    f"{key!r} {sorted(set(map(str, found)))}; use one functorch-diary "
+                    "optimiser per group (optim.multi_transform)"
+                )
+            if found:
+                values[key] = found[0]
+        return wrapper.from_group(item, values)
+
+    result, _ = _map_groups(
+        opt_state_like, import_group, "opt_state", exporting=False, on_wrapper=import_wrapper
+    )
+    if plateau:
+        result = _with_plateau_counters(result, scheduler)
     left = sorted(
         (i, key)
         for i, entry in torch_state.items()
@@ -528,3 +652,152 @@ def import_optimizer_state(
             "state, or a leaf this optimiser freezes?"
         )
     return result
+
+
+def _is_plateau(scheduler: Mapping[str, Any]) -> bool:
+    return "num_bad_epochs" in scheduler and "best" in scheduler
+
+
+def _plateau_stages(opt_state: Any) -> list[ReduceLROnPlateauState]:
+    nodes = optree.tree_leaves(
+        opt_state,
+        is_leaf=lambda node: isinstance(node, ReduceLROnPlateauState),
+        none_is_leaf=False,
+    )
+    found = [node for node in nodes if isinstance(node, ReduceLROnPlateauState)]
+    if len(found) != 1:
+        raise CheckpointError(
+            f"a ReduceLROnPlateau state_dict needs one reduce_lr_on_plateau stage in the "
+            f"optimiser state; it has {len(found)}"
+        )
+    return found
+
+
+def _check_plateau_options(stage: ReduceLROnPlateauState, scheduler: Mapping[str, Any]) -> None:
+    """Refuse a ``ReduceLROnPlateau`` whose options are not the stage's: its counters would
+    mean something else."""
+    c = stage.config
+    ours = {
+        "mode": "min" if bool(c.minimize) else "max",
+        "threshold_mode": "rel" if bool(c.relative) else "abs",
+        "factor": float(c.factor),
+        "patience": int(c.patience),
+        "threshold": float(c.threshold),
+        "cooldown": int(c.cooldown),
+        "eps": float(c.eps),
+    }
+    theirs = {key: scheduler.get(key) for key in ours}
+    min_lrs = set(scheduler.get("min_lrs", []))
+    if min_lrs != {float(c.min_lr)}:
+        ours["min_lrs"], theirs["min_lrs"] = [float(c.min_lr)], sorted(min_lrs)
+    differ = [
+        f"{key}={theirs[key]!r} (stage: {ours[key]!r})" for key in ours if ours[key] != theirs[key]
+    ]
+    if differ:
+        raise CheckpointError(
+            "the ReduceLROnPlateau state_dict's options differ from the reduce_lr_on_plateau "
+            f"stage's: {', '.join(differ)}"
+        )
+
+
+def _with_plateau_counters(opt_state: Any, scheduler: Mapping[str, Any]) -> Any:
+    (stage,) = _plateau_stages(opt_state)
+    _check_plateau_options(stage, scheduler)
+
+    def fill(node: Any) -> Any:
+        if not isinstance(node, ReduceLROnPlateauState):
+            return node
+        return node._replace(
+            best=torch.full_like(node.best, float(scheduler["best"])),
+            num_bad_epochs=torch.full_like(node.num_bad_epochs, int(scheduler["num_bad_epochs"])),
+            cooldown_counter=torch.full_like(
+                node.cooldown_counter, int(scheduler["cooldown_counter"])
+            ),
+        )
+
+    return optree.tree_map(
+        fill,
+        opt_state,
+        is_leaf=lambda node: isinstance(node, ReduceLROnPlateauState),
+        none_is_leaf=False,
+    )
+
+
+def _steps_of(opt_state: Any) -> int:
+    """The steps taken: the count of the first learning-rate stage (as ``current_lr``)."""
+    nodes = optree.tree_leaves(
+        opt_state,
+        is_leaf=lambda node: isinstance(node, ScaleByLearningRateState),
+        none_is_leaf=False,
+    )
+    for node in nodes:
+        if isinstance(node, ScaleByLearningRateState):
+            return int(node.count)
+    raise CheckpointError("the optimiser state holds no learning-rate stage to count steps by")
+
+
+def export_scheduler_state(
+    opt_state: Any, scheduler_state_dict: Mapping[str, Any], param_groups: Sequence[Mapping]
+) -> dict[str, Any]:
+    """Our schedule's position as a ``torch.optim.lr_scheduler`` ``state_dict``, to go with
+    :func:`export_optimizer_state` (torch keeps a scheduler's state apart from its
+    optimiser's; ours is in the optimiser state).
+
+    Args:
+        opt_state: the optimiser state.
+        scheduler_state_dict: ``torch_scheduler.state_dict()`` of a scheduler built with
+            the same options as our schedule (its ``base_lrs`` and options are kept).
+        param_groups: the exported optimiser state's ``param_groups`` (the learning rates
+            torch's scheduler last set).
+
+    Returns:
+        The scheduler's ``state_dict`` at our step: ``last_epoch`` is the step count and
+        ``_last_lr`` the groups' learning rates; ``CosineAnnealingWarmRestarts`` also gets
+        its ``T_cur`` and ``T_i``. A ``ReduceLROnPlateau`` gets the
+        :func:`~functorch_diary.optim.reduce_lr_on_plateau` stage's ``best``,
+        ``num_bad_epochs`` and ``cooldown_counter`` (its ``last_epoch`` counts metric
+        reports, which change nothing, and is left as it was).
+
+    Raises:
+        CheckpointError: a ``SequentialLR`` or ``ChainedScheduler`` (export each part),
+            a plateau scheduler whose options differ from the stage's, or a state with no
+            learning-rate stage.
+
+    Example:
+        >>> import torch
+        >>> from functorch_diary import optim
+        >>> opt = optim.sgd(optim.cosine_annealing_warm_restarts(0.1, T_0=2), momentum=0.9)
+        >>> params = {"w": torch.ones(2)}
+        >>> state = opt.init(params)
+        >>> for _ in range(3):
+        ...     params, state = optim.apply_gradients(opt, {"w": torch.ones(2)}, state, params)
+        >>> torch_opt = torch.optim.SGD([torch.ones(2, requires_grad=True)], lr=0.1, momentum=0.9)
+        >>> sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(torch_opt, T_0=2)
+        >>> sd = export_optimizer_state(state, params, torch_opt.state_dict()["param_groups"])
+        >>> out = export_scheduler_state(state, sched.state_dict(), sd["param_groups"])
+        >>> out["last_epoch"], out["T_cur"], out["_last_lr"]
+        (3, 1, [0.05])
+    """
+    out = dict(scheduler_state_dict)
+    if "_schedulers" in out:
+        raise CheckpointError(
+            "cannot export a SequentialLR or ChainedScheduler state: its parts keep their "
+            "own state_dicts; export each part's"
+        )
+    if _is_plateau(out):
+        (stage,) = _plateau_stages(opt_state)
+        _check_plateau_options(stage, out)
+        out["best"] = float(stage.best)
+        out["num_bad_epochs"] = int(stage.num_bad_epochs)
+        out["cooldown_counter"] = int(stage.cooldown_counter)
+    else:
+        steps = _steps_of(opt_state)
+        out["last_epoch"] = steps
+        if {"T_cur", "T_i", "T_0", "T_mult"} <= set(out):
+            # CosineAnnealingWarmRestarts' step(): T_cur += 1, a restart at T_i.
+            t_cur, t_i = steps, out["T_0"]
+            while t_cur >= t_i:
+                t_cur, t_i = t_cur - t_i, t_i * out["T_mult"]
+            out["T_cur"], out["T_i"] = t_cur, t_i
+    out["_last_lr"] = [group["lr"] for group in param_groups]
+    return out
