@@ -368,6 +368,13 @@ SCHEDULED = {
             optim.cosine_annealing_warm_restarts(0.1, T_0=2, T_mult=2, eta_min=0.01), momentum=0.9
         ),
     ),
+    "step_lr(rmsprop)": Scheduled(
+        _with(
+            lambda n: torch.optim.RMSprop(n.parameters(), 0.01, momentum=0.5),
+            lambda o: lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+        ),
+        lambda: optim.rmsprop(optim.step_lr(0.01, step_size=2, gamma=0.5), momentum=0.5),
+    ),
     "multiplicative_lr(adam)": Scheduled(
         _with(
             lambda n: torch.optim.Adam(n.parameters(), 0.05),
