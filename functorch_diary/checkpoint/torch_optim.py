@@ -11,6 +11,10 @@ What maps where is said by the state *types*, in two registries:
   where the wrapped state(s) are and how to put them back; export may be refused with
   a message naming the wrapper (``accumulate_gradients`` midway through a step).
 
+A learning-rate stage's ``lr`` and an ``inject_hyperparams`` state's values go to (and
+come from) torch's ``param_groups``; a scheduler's state is apart in torch
+(:func:`export_scheduler_state`, ``import_optimizer_state(..., scheduler=...)``).
+
 The stages registered directly in one chain form one torch optimiser: they share one
 step count and cover the parameters their tensors cover. Nested chains and wrappers are
 walked into:
@@ -263,8 +267,8 @@ register_torch_wrapper(
 )
 
 
-GroupFn = Callable[[list[Any], str], tuple[list[Any], list[str]]]
-WrapperFn = Callable[[TorchWrapperMap, Any, list[str], str], Any]
+_GroupFn = Callable[[list[Any], str], tuple[list[Any], list[str]]]
+_WrapperFn = Callable[[TorchWrapperMap, Any, list[str], str], Any]
 
 
 def _injected_values(state: InjectHyperparamsState) -> dict[str, Any]:
@@ -298,7 +302,7 @@ register_torch_wrapper(
 
 
 def _map_groups(
-    state: Any, fn: GroupFn, path: str, *, exporting: bool, on_wrapper: WrapperFn | None = None
+    state: Any, fn: _GroupFn, path: str, *, exporting: bool, on_wrapper: _WrapperFn | None = None
 ) -> tuple[Any, list[str]]:
     """``state`` with every group of registered stages replaced by ``fn(stages, path)``
     (which returns the new stages and the params they cover), walking into registered
@@ -390,9 +394,12 @@ def export_optimizer_state(
 ) -> dict[str, Any]:
     """Our optimiser state as a ``torch.optim`` ``state_dict`` (``optimizer.load_state_dict`` it).
 
-    Supports every registered state (``optim.sgd``, ``adam``, ``adamw``, ``rmsprop``,
-    ``adagrad``) and wrapper (``apply_if_finite``, ``accumulate_gradients``,
-    ``multi_transform``, ``masked``, ``freeze``).
+    Supports every registered state (every named optimiser: ``optim.sgd``, ``adam``,
+    ``adamw``, ``rmsprop``, ``adagrad``, ``nadam``, ``radam``, ``adamax``, ``adadelta``,
+    ``asgd``, ``rprop``, ``adafactor``, ``muon``) and wrapper (``apply_if_finite``,
+    ``accumulate_gradients``, ``multi_transform``, ``masked``, ``freeze``,
+    ``inject_hyperparams``, ``reduce_lr_on_plateau``). A scheduler's position is
+    :func:`export_scheduler_state`'s.
 
     Args:
         opt_state: the optimiser state.
@@ -402,11 +409,15 @@ def export_optimizer_state(
             i.e. ``torch_optimizer.state_dict()["param_groups"]`` (hyperparameters live there).
 
     Returns:
-        ``{"state": {index: {...}}, "param_groups": [...]}`` with copied tensors.
+        ``{"state": {index: {...}}, "param_groups": [...]}`` with copied tensors; the
+        groups are copies of ``param_groups`` with each learning-rate stage's ``lr`` and
+        the injected hyperparameters (``lr``, ``betas``, ``momentum``, ...) of the
+        parameters they hold.
 
     Raises:
         CheckpointError: the state has a stage torch has no equivalent for, a wrapper
-            refuses (the message names it), or the parameter counts differ.
+            refuses (the message names it), the parameter counts differ, a group lacks
+            an injected hyperparameter's key, or one group would get two values.
     """
     names = list(params)
     total = sum(len(group["params"]) for group in param_groups)
@@ -427,9 +438,12 @@ def export_optimizer_state(
             raise CheckpointError(f"{path}: param {name!r} has two {key!r} buffers")
         entry[key] = value
 
-    def write(members: list[str], values: Mapping[str, Any], path: str, *, over: bool) -> None:
+    def write(
+        members: list[str], values: Mapping[str, Any], path: str, *, over: bool, why: str = ""
+    ) -> None:
         """Put ``values`` in the torch param groups holding ``members``; a wrapper's
-        (``over``) replace its inner stages', two stages' must agree."""
+        (``over``) replace its inner stages', two stages' must agree (``why`` says why
+        they may not)."""
         for g in sorted({group_of[n] for n in members if n in group_of}):
             for key, value in values.items():
                 if key not in groups[g]:
@@ -440,8 +454,8 @@ def export_optimizer_state(
                 if not over and written.get((g, key), value) != value:
                     raise CheckpointError(
                         f"{path}: torch's param group {g} holds parameters of stages with "
-                        f"different {key!r} ({written[g, key]} and {value}); give them "
-                        "separate torch param groups"
+                        f"different {key!r} ({written[g, key]} and {value}); "
+                        + (why or "give them separate torch param groups")
                     )
                 written[g, key] = groups[g][key] = value
 
@@ -449,9 +463,16 @@ def export_optimizer_state(
         maps = [_STATES[type(s)] for s in stages]
         step = _steps_taken(stages)
         members = _members(stages, path, names)
+        why = ""
+        if not any(_buffer_trees(s, path, names) for s in stages):
+            why = (
+                "this group keeps no per-parameter tensors, so nothing says which "
+                "parameters it stands for"
+            )
         for stage, mapping in zip(stages, maps, strict=True):
             if mapping.lr is not None:  # what torch's scheduler (or loop) set
-                write(members, {"lr": float(getattr(stage, mapping.lr))}, path, over=False)
+                lr = {"lr": float(getattr(stage, mapping.lr))}
+                write(members, lr, path, over=False, why=why)
         # torch creates its per-parameter state on the first step (Adagrad: at construction).
         if step == 0 and not any(m.state_at_init for m in maps):
             return stages, members
