@@ -25,22 +25,35 @@ from torch import Tensor
 from ..tree import PyTree, tree_map
 from .base import GradientTransformation, chain, zero_count
 from .fast_path import host_number
-from .foreach_step import Number, addcdiv, cast, scalar_dtype, then, torch_step, where
+from .foreach_step import (
+    Number,
+    add_scaled,
+    addcdiv,
+    addcmul,
+    cast,
+    fails,
+    hyperparams_at,
+    lerp,
+    scalar_dtype,
+    then,
+    torch_step,
+    where,
+)
 from .transforms import ScalarOrSchedule, track_learning_rate
 
 __all__ = ["AdamaxState", "NAdamState", "RAdamState", "adamax", "nadam", "radam"]
 
 
 def _check_adam_args(lr: ScalarOrSchedule, betas: tuple[float, float], eps: float, wd: float):
-    """torch's own argument checks, with its messages."""
-    if not callable(lr) and not lr >= 0.0:
+    """torch's own argument checks, with its messages (see :func:`.foreach_step.fails`)."""
+    if not callable(lr) and fails(lr, lambda v: v >= 0.0):
         raise ValueError(f"Invalid learning rate: {lr}")
-    if not eps >= 0.0:
+    if fails(eps, lambda v: v >= 0.0):
         raise ValueError(f"Invalid epsilon value: {eps}")
     for index, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
+        if fails(beta, lambda v: 0.0 <= v < 1.0):
             raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
-    if not wd >= 0.0:
+    if fails(wd, lambda v: v >= 0.0):
         raise ValueError(f"Invalid weight_decay value: {wd}")
 
 
@@ -48,17 +61,20 @@ def _decay(
     grads: list[Tensor], params: list[Tensor], lr: Number, weight_decay: float, decoupled: bool
 ) -> tuple[list[Tensor], list[Tensor]]:
     """torch's weight decay: ``p * (1 - lr * wd)`` (decoupled) or ``g + wd * p`` (L2)."""
-    if weight_decay == 0:
+    if not isinstance(weight_decay, Tensor) and weight_decay == 0:
         return grads, params
     if decoupled:
         return grads, list(torch._foreach_mul(params, cast(1 - lr * weight_decay, params)))
-    return list(torch._foreach_add(grads, params, alpha=weight_decay)), params
+    return add_scaled(grads, params, weight_decay), params
 
 
-def _moments(grads, exp_avg, exp_avg_sq, beta1: float, beta2: float, own: bool):
-    """Adam's running moments, as torch's ``lerp_`` then ``mul_`` + ``addcmul_``."""
-    exp_avg = list(torch._foreach_lerp(exp_avg, grads, 1 - beta1))
-    exp_avg_sq = list(torch._foreach_mul(exp_avg_sq, beta2))
+def _moments(grads, exp_avg, exp_avg_sq, beta1: Number, beta2: Number, own: bool):
+    """Adam's running moments, as torch's ``lerp_`` then ``mul_`` + ``addcmul_`` (tensor
+    kernels for injected, traced betas)."""
+    exp_avg = lerp(exp_avg, grads, 1 - beta1)
+    exp_avg_sq = list(torch._foreach_mul(exp_avg_sq, cast(beta2, exp_avg_sq)))
+    if isinstance(beta2, Tensor):
+        return exp_avg, addcmul(exp_avg_sq, grads, grads, 1 - beta2)
     exp_avg_sq = then(own, "addcmul", exp_avg_sq, grads, grads, value=1 - beta2)
     return exp_avg, exp_avg_sq
 
@@ -107,9 +123,8 @@ def nadam(
         {'w': tensor([-0.1556])}
     """
     _check_adam_args(lr, betas, eps, weight_decay)
-    if not momentum_decay >= 0.0:
+    if fails(momentum_decay, lambda v: v >= 0.0):
         raise ValueError(f"Invalid momentum_decay value: {momentum_decay}")
-    beta1, beta2 = betas
 
     def init(params: PyTree) -> NAdamState:
         count = zero_count(params)
@@ -117,9 +132,10 @@ def nadam(
         return NAdamState(count, mu_product, _zeros(params), _zeros(params))
 
     def step(grads, params, state: NAdamState, t: Number, lr: Number):
+        beta1, beta2, wd = hyperparams_at(t, *betas, weight_decay)
         if maximize:
             grads = torch._foreach_neg(grads)
-        grads, params = _decay(grads, params, lr, weight_decay, decoupled_weight_decay)
+        grads, params = _decay(grads, params, lr, wd, decoupled_weight_decay)
         own = not torch.is_tensor(t)  # plain eager: write into what this step made
         exp_avg, exp_avg_sq = _moments(grads, state.exp_avg, state.exp_avg_sq, beta1, beta2, own)
         denom = list(torch._foreach_sqrt(exp_avg_sq))
@@ -177,10 +193,8 @@ def radam(
         {'w': tensor([-0.3000])}
     """
     _check_adam_args(lr, betas, eps, weight_decay)
-    beta1, beta2 = betas
-    rho_inf = 2 / (1 - beta2) - 1  # the maximum length of the approximated SMA
 
-    def rectification(rho_t: Number) -> Number:
+    def rectification(rho_t: Number, rho_inf: Number) -> Number:
         def ratio() -> Number:  # evaluated only where rho_t > 5, as torch does
             return (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
 
@@ -192,13 +206,15 @@ def radam(
         return RAdamState(zero_count(params), _zeros(params), _zeros(params))
 
     def step(grads, params, state: RAdamState, t: Number, lr: Number):
+        beta1, beta2, wd = hyperparams_at(t, *betas, weight_decay)
         if maximize:
             grads = torch._foreach_neg(grads)
+        rho_inf = 2 / (1 - beta2) - 1  # the maximum length of the approximated SMA
         rho_t = rho_inf - 2 * t * (beta2**t) / (1 - beta2**t)
-        grads, params = _decay(grads, params, lr, weight_decay, decoupled_weight_decay)
+        grads, params = _decay(grads, params, lr, wd, decoupled_weight_decay)
         own = not torch.is_tensor(t)  # plain eager: write into what this step made
         exp_avg, exp_avg_sq = _moments(grads, state.exp_avg, state.exp_avg_sq, beta1, beta2, own)
-        rect = rectification(rho_t)
+        rect = rectification(rho_t, rho_inf)
         unrectified = where(rect > 0, 0, 1.0)
         bias_correction1 = 1 - beta1**t
         unrect_step_size = (lr * unrectified / bias_correction1) * -1
@@ -249,18 +265,18 @@ def adamax(
         {'w': tensor([0.1000])}
     """
     _check_adam_args(lr, betas, eps, weight_decay)
-    beta1, beta2 = betas
 
     def init(params: PyTree) -> AdamaxState:
         return AdamaxState(zero_count(params), _zeros(params), _zeros(params))
 
     def step(grads, params, state: AdamaxState, t: Number, lr: Number):
+        beta1, beta2, wd = hyperparams_at(t, *betas, weight_decay)
         if maximize:
             grads = torch._foreach_neg(grads)
-        grads, params = _decay(grads, params, lr, weight_decay, decoupled=False)
-        exp_avg = list(torch._foreach_lerp(state.exp_avg, grads, 1 - beta1))
+        grads, params = _decay(grads, params, lr, wd, decoupled=False)
+        exp_avg = lerp(state.exp_avg, grads, 1 - beta1)
         own = not torch.is_tensor(t)  # plain eager: write into what this step made
-        exp_inf = list(torch._foreach_mul(state.exp_inf, beta2))
+        exp_inf = list(torch._foreach_mul(state.exp_inf, cast(beta2, state.exp_inf)))
         bound = then(own, "add", list(torch._foreach_abs(grads)), eps)
         exp_inf = then(own, "maximum", exp_inf, bound)
         step_size = (lr / (1 - beta1**t)) * -1

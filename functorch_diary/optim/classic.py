@@ -24,23 +24,23 @@ from torch import Tensor
 
 from ..tree import PyTree, tree_map
 from .base import GradientTransformation, chain, learning_rate_at, zero_count
-from .foreach_step import Number, add_scaled, scalar_dtype, then, torch_step
+from .foreach_step import Number, add_scaled, fails, hyperparams_at, scalar_dtype, then, torch_step
 from .transforms import ScalarOrSchedule, track_learning_rate
 
 __all__ = ["ASGDState", "AdadeltaState", "RpropState", "adadelta", "asgd", "rprop"]
 
 
 def _check_lr(lr: ScalarOrSchedule) -> None:
-    if not callable(lr) and not lr >= 0.0:
+    if not callable(lr) and fails(lr, lambda v: v >= 0.0):
         raise ValueError(f"Invalid learning rate: {lr}")
 
 
-def _l2(grads: list[Tensor], params: list[Tensor], maximize: bool, weight_decay: float):
-    """torch's ``-g`` (maximize) then ``g + wd * p``."""
+def _l2(grads: list[Tensor], params: list[Tensor], maximize: bool, weight_decay: Number):
+    """torch's ``-g`` (maximize) then ``g + wd * p`` (an injected, traced ``wd`` always)."""
     if maximize:
         grads = torch._foreach_neg(grads)
-    if weight_decay != 0:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    if isinstance(weight_decay, Tensor) or weight_decay != 0:
+        grads = add_scaled(list(grads), params, weight_decay)
     return list(grads)
 
 
@@ -81,7 +81,7 @@ def adadelta(
         raise ValueError(f"Invalid rho value: {rho}")
     if not eps >= 0.0:
         raise ValueError(f"Invalid epsilon value: {eps}")
-    if not weight_decay >= 0.0:
+    if fails(weight_decay, lambda v: v >= 0.0):
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
     def init(params: PyTree) -> AdadeltaState:
@@ -89,7 +89,7 @@ def adadelta(
         return AdadeltaState(zero_count(params), zeros, tree_map(torch.zeros_like, params))
 
     def step(grads, params, state: AdadeltaState, t: Number, lr: Number):
-        grads = _l2(grads, params, maximize, weight_decay)
+        grads = _l2(grads, params, maximize, *hyperparams_at(t, weight_decay))
         own = not torch.is_tensor(t)  # plain eager: write into what this step made
         square_avg = list(torch._foreach_mul(state.square_avg, rho))
         square_avg = then(own, "addcmul", square_avg, grads, grads, value=1 - rho)
@@ -146,7 +146,7 @@ def asgd(
         {'w': tensor([-0.1000])}
     """
     _check_lr(lr)
-    if not weight_decay >= 0.0:
+    if fails(weight_decay, lambda v: v >= 0.0):
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
     def init(params: PyTree) -> ASGDState:
@@ -156,10 +156,7 @@ def asgd(
         return ASGDState(count, eta, mu, tree_map(torch.zeros_like, params))
 
     def step(grads, params, state: ASGDState, t: Number, lr: Number):
-        if maximize:
-            grads = torch._foreach_neg(grads)
-        if weight_decay != 0:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        grads = _l2(grads, params, maximize, *hyperparams_at(t, weight_decay))
         intermediate = torch._foreach_add(grads, params, alpha=lambd)
         # param * (1 - lambd * eta) - eta * grad, as torch's one addcmul with eta.
         etas = [state.eta] * len(params)

@@ -25,7 +25,7 @@ from torch import Tensor
 from ..tree import PyTree, tree_map
 from .base import GradientTransformation, chain, zero_count
 from .fast_path import host_number
-from .foreach_step import Number, maximum, minimum, torch_step
+from .foreach_step import Number, fails, hyperparams_at, maximum, minimum, torch_step
 from .transforms import ScalarOrSchedule, track_learning_rate
 
 __all__ = ["AdafactorState", "adafactor"]
@@ -75,7 +75,7 @@ def adafactor(
         >>> opt.update({"w": torch.full((1,), 3.0)}, opt.init(p), p)[0]  # -rms(p) * min(lr, 1)
         {'w': tensor([-1.])}
     """
-    if not callable(lr) and not lr >= 0.0:
+    if not callable(lr) and fails(lr, lambda v: v >= 0.0):
         raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
     if not beta2_decay <= 0.0:
         raise ValueError(f"beta2_decay should be <= 0 but is: {beta2_decay}")
@@ -86,7 +86,7 @@ def adafactor(
         raise ValueError(f"epsilon2 should be >= 0 but is: {eps2}")
     if not d >= 1.0:
         raise ValueError(f"Clipping threshold d should be >= 1 but is: {d}")
-    if not weight_decay >= 0.0:
+    if fails(weight_decay, lambda v: v >= 0.0):
         raise ValueError(f"weight_decay should be >= 0 but is: {weight_decay}")
 
     def init(params: PyTree) -> AdafactorState:
@@ -117,8 +117,9 @@ def adafactor(
         alphas = [
             maximum(eps2, number(p.norm(2), traced) / (p.numel() ** 0.5)) * rho for p in params
         ]
-        if weight_decay != 0:
-            decay = 1 - lr * weight_decay
+        (wd,) = hyperparams_at(t, weight_decay)
+        if isinstance(wd, Tensor) or wd != 0:  # injected and traced: no branch on it
+            decay = 1 - lr * wd
             params = [p * (decay.to(p.dtype) if traced else decay) for p in params]
         row_vars, col_vars, variances, new_params = [], [], [], []
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):

@@ -50,6 +50,9 @@ __all__ = [
     "addcdiv",
     "addcmul",
     "cast",
+    "fails",
+    "hyperparams_at",
+    "lerp",
     "maximum",
     "minimum",
     "scalar_dtype",
@@ -98,6 +101,47 @@ def step_numbers(
         if done is not None and lr is not None:
             return float(done + 1), float(lr)
     return (count + 1).to(torch.float64), learning_rate_at(learning_rate, count)
+
+
+def hyperparams_at(t: Number, *values: Number) -> tuple[Number, ...]:
+    """Hyperparameters as a step reads them: Python numbers in plain eager code (``t`` a
+    Python number, see :func:`step_numbers`), where an
+    :func:`~functorch_diary.optim.inject_hyperparams` tensor is read as torch reads a
+    param group's float (so the step stays torch's to the bit); as they are when traced,
+    where a tensor takes tensor kernels (no graph break, no re-trace when it changes).
+
+    Example:
+        >>> hyperparams_at(2.0, torch.tensor(0.5, dtype=torch.float64), 0.9)
+        (0.5, 0.9)
+    """
+    if torch.is_tensor(t):
+        return values
+    return tuple(v.item() if isinstance(v, Tensor) else v for v in values)
+
+
+def fails(value: Number, check: Callable[[float], bool]) -> bool:
+    """Whether a hyperparameter fails torch's argument ``check``. An injected (tensor) value
+    is not read here, where a compiled step would branch on it: ``inject_hyperparams``
+    runs the checks on the floats it was given.
+
+    Example:
+        >>> fails(-1.0, lambda v: v >= 0), fails(torch.tensor(-1.0), lambda v: v >= 0)
+        (True, False)
+    """
+    return not isinstance(value, Tensor) and not check(value)
+
+
+def lerp(xs: list[Tensor], ys: list[Tensor], weight: Number) -> list[Tensor]:
+    """``xs + weight * (ys - xs)`` as ``torch._foreach_lerp``; a tensor ``weight`` is cast
+    to each leaf's dtype first.
+
+    Example:
+        >>> lerp([torch.zeros(1)], [torch.ones(1)], torch.tensor(0.25, dtype=torch.float64))
+        [tensor([0.2500])]
+    """
+    if not isinstance(weight, Tensor):
+        return list(torch._foreach_lerp(xs, ys, weight))
+    return [torch.lerp(x, y, weight.to(x.dtype)) for x, y in zip(xs, ys, strict=True)]
 
 
 def where(condition: bool | Tensor, a: Number, b: Number) -> Number:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..tree import PyTree, tree_flatten_with_paths, tree_map
 from .base import GradientTransformation, chain, zero_count
-from .foreach_step import Number, torch_step
+from .foreach_step import Number, fails, hyperparams_at, torch_step
 from .transforms import ScalarOrSchedule, track_learning_rate
 
 __all__ = ["ADJUST_LR_FNS", "MuonState", "muon", "zeropower_via_newtonschulz"]
@@ -133,11 +133,11 @@ def muon(
         >>> opt.update({"w": torch.eye(2)}, opt.init(p), p)[0]["w"].diagonal()
         tensor([-0.1125, -0.1125])
     """
-    if not callable(lr) and not lr >= 0.0:
+    if not callable(lr) and fails(lr, lambda v: v >= 0.0):
         raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
-    if not momentum >= 0.0:
+    if fails(momentum, lambda v: v >= 0.0):
         raise ValueError(f"momentum should be >= 0 but is: {momentum}")
-    if not weight_decay >= 0.0:
+    if fails(weight_decay, lambda v: v >= 0.0):
         raise ValueError(f"weight decay should be >= 0 but is: {weight_decay}")
     if adjust_lr_fn not in ADJUST_LR_FNS:
         raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
@@ -146,17 +146,20 @@ def muon(
         return MuonState(zero_count(params), tree_map(torch.zeros_like, params))
 
     def step(grads, params, state: MuonState, t: Number, lr: Number):
+        beta, wd = hyperparams_at(t, momentum, weight_decay)
         new_params, buffers = [], []
         for p, g, buf in zip(params, grads, state.momentum_buffer, strict=True):
-            buf = torch.lerp(buf, g, 1 - momentum)
-            update = g.lerp(buf, momentum) if nesterov else buf
+            # An injected (traced) momentum is a float64 tensor: lerp takes its leaf's dtype.
+            weight = beta.to(buf.dtype) if isinstance(beta, Tensor) else beta
+            buf = torch.lerp(buf, g, 1 - weight)
+            update = g.lerp(buf, weight) if nesterov else buf
             update = zeropower_via_newtonschulz(update, ns_coefficients, ns_steps, eps)
             adjusted = _adjust_lr(lr, adjust_lr_fn, p.shape)
             if torch.is_tensor(lr):
-                p = p * (1 - lr * weight_decay).to(p.dtype)
+                p = p * (1 - lr * wd).to(p.dtype)
                 p = p + update.to(p.dtype) * (-adjusted).to(p.dtype)
             else:
-                p = torch.add(p * (1 - lr * weight_decay), update, alpha=-adjusted)
+                p = torch.add(p * (1 - lr * wd), update, alpha=-adjusted)
             new_params.append(p)
             buffers.append(buf)
         return new_params, MuonState(state.count, buffers)

@@ -159,3 +159,56 @@ def test_a_compiled_sgd_step_does_not_recompile_when_its_momentum_changes():
     assert seen == {"graphs": 0, "breaks": 0}
     expected = {k: t.detach() for k, t in zip(params, tensors, strict=True)}
     assert_trees_close(params, expected, rtol=1e-12, atol=1e-12)
+
+
+# One Adam relative (betas) and one classic optimiser (L2 decay) of those written as
+# torch's foreach step: the others share their code paths (a compile takes seconds here).
+NEW = {
+    "nadam": {"lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 1e-2},
+    "asgd": {"lr": 1e-2, "weight_decay": 1e-2},
+}
+TORCH_NAMES = {"nadam": "NAdam", "asgd": "ASGD"}
+
+
+def test_a_compiled_step_of_the_new_optimisers_does_not_recompile_when_hyperparameters_change():
+    """NAdam's and ASGD's lr, weight decay (and betas) change every step, in one compiled
+    function: 0 new graphs after the first, and torch's params (foreach=True) with
+    param_groups[0] changed the same way, to 1e-12."""
+    torch._dynamo.reset()
+    opts = {n: optim.inject_hyperparams(getattr(optim, n))(**kw) for n, kw in NEW.items()}
+    params = {n: _tree(0) for n in NEW}
+    tensors = {n: [nn.Parameter(v.clone()) for v in _tree(0).values()] for n in NEW}
+    torch_opts = {
+        n: getattr(torch.optim, TORCH_NAMES[n])(tensors[n], foreach=True, **kw)
+        for n, kw in NEW.items()
+    }
+    states = {n: opts[n].init(params[n]) for n in NEW}
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(grads, states, params):
+        new = {n: optim.apply_gradients(opts[n], grads, states[n], params[n]) for n in opts}
+        return {n: p for n, (p, _) in new.items()}, {n: s for n, (_, s) in new.items()}
+
+    def both(i):
+        nonlocal params, states
+        grads = _tree(i + 1)
+        for n, kw in NEW.items():
+            changes = {"lr": kw["lr"] * (1 + 0.5 * i), "weight_decay": 1e-2 * i}
+            if "betas" in kw:
+                changes["betas"] = (kw["betas"][0] + 0.02 * i, kw["betas"][1] - 0.001 * i)
+            torch_opts[n].param_groups[0].update(changes)
+            for t, g in zip(tensors[n], grads.values(), strict=True):
+                t.grad = g.clone()
+            torch_opts[n].step()
+            states[n] = optim.set_hyperparams(states[n], **changes)
+        params, states = step(grads, states, params)
+
+    both(0)
+    with dynamo_counts() as seen:
+        for i in range(1, 4):
+            both(i)
+    assert seen == {"graphs": 0, "breaks": 0}
+    for n in NEW:
+        expected = {k: t.detach() for k, t in zip(params[n], tensors[n], strict=True)}
+        assert_trees_close(params[n], expected, rtol=1e-12, atol=1e-12)
+
