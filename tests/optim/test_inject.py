@@ -211,4 +211,3 @@ def test_a_compiled_step_of_the_new_optimisers_does_not_recompile_when_hyperpara
     for n in NEW:
         expected = {k: t.detach() for k, t in zip(params[n], tensors[n], strict=True)}
         assert_trees_close(params[n], expected, rtol=1e-12, atol=1e-12)
-
