@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..tree import PyTree, tree_flatten_with_paths, tree_map
+from ..tree import PyTree, tree_flatten_with_paths, tree_leaves, tree_map
 from .base import GradientTransformation, chain, zero_count
 from .foreach_step import Number, fails, hyperparams_at, torch_step
 from .transforms import ScalarOrSchedule, track_learning_rate
@@ -91,6 +91,10 @@ def _adjust_lr(lr: Number, adjust_lr_fn: str | None, shape: torch.Size) -> Numbe
 
 
 def _check_matrices(params: PyTree) -> None:
+    if not tree_leaves(params):
+        # Nothing to check; and Dynamo cannot flatten with paths a tree made inside a
+        # compiled step (chain's init({}) when inject_hyperparams rebuilds muon there).
+        return
     for path, leaf in tree_flatten_with_paths(params):
         if isinstance(leaf, Tensor) and leaf.ndim != 2:
             raise ValueError(

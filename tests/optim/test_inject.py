@@ -162,42 +162,52 @@ def test_a_compiled_sgd_step_does_not_recompile_when_its_momentum_changes():
 
 
 # One Adam relative (betas) and one classic optimiser (L2 decay) of those written as
-# torch's foreach step: the others share their code paths (a compile takes seconds here).
+# torch's foreach step (the others share their code paths), and Muon (momentum), on its
+# matrix: one compile for all three (a compile takes seconds here).
 NEW = {
     "nadam": {"lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 1e-2},
     "asgd": {"lr": 1e-2, "weight_decay": 1e-2},
+    "muon": {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-2},
 }
-TORCH_NAMES = {"nadam": "NAdam", "asgd": "ASGD"}
+TORCH_NAMES = {"nadam": "NAdam", "asgd": "ASGD", "muon": "Muon"}
+
+
+def _leaves(name: str, tree: dict) -> dict:
+    return {"w": tree["w"]} if name == "muon" else tree
 
 
 def test_a_compiled_step_of_the_new_optimisers_does_not_recompile_when_hyperparameters_change():
-    """NAdam's and ASGD's lr, weight decay (and betas) change every step, in one compiled
-    function: 0 new graphs after the first, and torch's params (foreach=True) with
-    param_groups[0] changed the same way, to 1e-12."""
+    """Their lr, weight decay, betas and momentum change every step, in one compiled
+    function: 0 new graphs after the first, and torch's params (foreach=True where torch
+    has it) with param_groups[0] changed the same way, to 1e-12."""
     torch._dynamo.reset()
     opts = {n: optim.inject_hyperparams(getattr(optim, n))(**kw) for n, kw in NEW.items()}
-    params = {n: _tree(0) for n in NEW}
-    tensors = {n: [nn.Parameter(v.clone()) for v in _tree(0).values()] for n in NEW}
+    params = {n: _leaves(n, _tree(0)) for n in NEW}
+    tensors = {n: [nn.Parameter(v.clone()) for v in params[n].values()] for n in NEW}
     torch_opts = {
-        n: getattr(torch.optim, TORCH_NAMES[n])(tensors[n], foreach=True, **kw)
+        n: getattr(torch.optim, TORCH_NAMES[n])(
+            tensors[n], **kw, **({} if n == "muon" else {"foreach": True})
+        )
         for n, kw in NEW.items()
     }
     states = {n: opts[n].init(params[n]) for n in NEW}
 
     @torch.compile(backend="aot_eager", fullgraph=True)
     def step(grads, states, params):
-        new = {n: optim.apply_gradients(opts[n], grads, states[n], params[n]) for n in opts}
+        new = {n: optim.apply_gradients(opts[n], grads[n], states[n], params[n]) for n in opts}
         return {n: p for n, (p, _) in new.items()}, {n: s for n, (_, s) in new.items()}
 
     def both(i):
         nonlocal params, states
-        grads = _tree(i + 1)
+        grads = {n: _leaves(n, _tree(i + 1)) for n in NEW}
         for n, kw in NEW.items():
             changes = {"lr": kw["lr"] * (1 + 0.5 * i), "weight_decay": 1e-2 * i}
             if "betas" in kw:
                 changes["betas"] = (kw["betas"][0] + 0.02 * i, kw["betas"][1] - 0.001 * i)
+            if "momentum" in kw:
+                changes["momentum"] = kw["momentum"] - 0.1 * i
             torch_opts[n].param_groups[0].update(changes)
-            for t, g in zip(tensors[n], grads.values(), strict=True):
+            for t, g in zip(tensors[n], grads[n].values(), strict=True):
                 t.grad = g.clone()
             torch_opts[n].step()
             states[n] = optim.set_hyperparams(states[n], **changes)
