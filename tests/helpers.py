@@ -58,6 +58,28 @@ def dynamo_counts() -> Iterator[dict[str, int]]:
     seen["breaks"] = sum(counters["graph_break"].values()) - breaks
 
 
+def interop_net(bias: bool = True) -> nn.Module:
+    """The float64 4-5-2 MLP that the torch.optim interop tests train in both worlds."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5, bias), nn.Tanh(), nn.Linear(5, 2, bias)).double()
+
+
+#: The one (inputs, targets) batch of the interop tests (mean squared error).
+INTEROP_BATCH = (
+    torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),
+    torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2)),
+)
+
+
+def torch_mse_steps(net: nn.Module, torch_opt: torch.optim.Optimizer, n: int) -> None:
+    """``n`` imperative steps of ``torch_opt`` on :data:`INTEROP_BATCH`."""
+    x, y = INTEROP_BATCH
+    for _ in range(n):
+        torch_opt.zero_grad()
+        nn.functional.mse_loss(net(x), y).backward()
+        torch_opt.step()
+
+
 def write_idx(path, array, gz=False):
     """Write ``array`` (uint8) in the IDX format: magic, dims, big-endian sizes, bytes."""
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
@@ -113,6 +135,8 @@ def write_cifar(folder, per_batch=60, n_test=100, protocol=2, seed=0):
     with open(folder / "batches.meta", "wb") as handle:
         pickle.dump(meta, handle, protocol=protocol)
     return written
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

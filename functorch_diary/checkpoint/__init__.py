@@ -1,6 +1,6 @@
 """Checkpoints: the safe single-file format (``format``: atomic, digest-checked, bounded,
 no code on load), reading ``torch.save`` files (``torch_files``), and ``torch.optim``
-state interop driven by the state types (``torch_optim``)."""
+state interop driven by the state types (``torch_optim``; schedulers: ``torch_schedulers``)."""
 
 from typing import Any
 
@@ -31,7 +31,8 @@ def __getattr__(name: str) -> Any:
     # torch_optim registers optim's state types, and optim's import chain reaches
     # model.pretrained, which reads weights through this package: load it on first use.
     if name in _INTEROP:
-        from . import torch_optim
+        from . import torch_optim, torch_schedulers
 
-        return getattr(torch_optim, name)
+        module = torch_schedulers if name == "export_scheduler_state" else torch_optim
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -169,7 +169,6 @@ NEW = {
     "asgd": {"lr": 1e-2, "weight_decay": 1e-2},
     "muon": {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-2},
 }
-TORCH_NAMES = {"nadam": "NAdam", "asgd": "ASGD", "muon": "Muon"}
 
 
 def _leaves(name: str, tree: dict) -> dict:
@@ -185,9 +184,7 @@ def test_a_compiled_step_of_the_new_optimisers_does_not_recompile_when_hyperpara
     params = {n: _leaves(n, _tree(0)) for n in NEW}
     tensors = {n: [nn.Parameter(v.clone()) for v in params[n].values()] for n in NEW}
     torch_opts = {
-        n: getattr(torch.optim, TORCH_NAMES[n])(
-            tensors[n], **kw, **({} if n == "muon" else {"foreach": True})
-        )
+        n: TORCH[n](tensors[n], **kw, **({} if n == "muon" else {"foreach": True}))
         for n, kw in NEW.items()
     }
     states = {n: opts[n].init(params[n]) for n in NEW}
