@@ -550,7 +550,14 @@ def import_optimizer_state(
     index = {name: i for i, name in enumerate(names)}
     consumed: set[tuple[int, str]] = set()
     plateau = scheduler is not None and is_plateau(scheduler)
-    scheduler_steps = None if scheduler is None or plateau else int(scheduler["last_epoch"])
+    scheduler_steps = None
+    if scheduler is not None and not plateau:
+        if "last_epoch" not in scheduler:
+            raise CheckpointError(
+                "the scheduler state_dict has no 'last_epoch' (a ChainedScheduler?); give "
+                "the state_dict of one of its parts, or step="
+            )
+        scheduler_steps = int(scheduler["last_epoch"])
 
     def import_group(stages: list[Any], path: str) -> tuple[list[Any], list[str]]:
         maps = [_STATES[type(s)] for s in stages]

@@ -213,6 +213,13 @@ def test_scheduler_and_hyperparameter_states_that_do_not_fit_are_refused():
     sgd_state = optim.sgd(0.1, momentum=0.9).init(params)
     with pytest.raises(CheckpointError, match="SequentialLR or ChainedScheduler"):
         checkpoint.export_scheduler_state(sgd_state, sequential.state_dict(), groups)
+    chained = lr_scheduler.ChainedScheduler(
+        [lr_scheduler.ConstantLR(topt), lr_scheduler.ExponentialLR(topt, 0.9)]
+    )
+    with pytest.raises(CheckpointError, match="no 'last_epoch' \\(a ChainedScheduler"):
+        checkpoint.import_optimizer_state(
+            topt.state_dict(), sgd_state, params, scheduler=chained.state_dict()
+        )
     # Adam's injected betas have no place in SGD's param groups.
     adam_state = optim.inject_hyperparams(optim.adam)(lr=0.1).init(params)
     with pytest.raises(CheckpointError, match=r"param group 0 has no 'betas'"):
