@@ -9,9 +9,10 @@ over its own connection. A rank also records, in the same store, that it exits c
 (``atexit``) or that a collective failed on it. When a collective fails, the survivor
 reads the counters for up to ``wait_s``: a rank whose counter stands still and that left
 no record died (killed, crashed, out of memory, ``os._exit``); a rank that still beats is
-alive, but stuck or running another collective. Once a collective failed somewhere (the
-failing rank raises an alarm in the store), every rank also watches the others, so a rank
-whose own collective fails only later, when the store's host has gone too, still knows.
+alive, but stuck or running another collective. Where a rank hosts the store (rank 0,
+launched without torchrun), every rank also watches the others once a collective failed
+somewhere (the failing rank raises an alarm in the store), so a rank whose own collective
+fails only later, when rank 0 has exited and taken the store with it, still knows.
 
 Example (one process plays rank 0 of 2; rank 1 never started):
     >>> import torch.distributed as dist
@@ -57,6 +58,9 @@ class Heartbeat:
         wait_s: how long a counter must stand still for its rank to count as stopped.
         host: who hosts the store, named when it stops answering.
         prefix: the key space (one per process group of a job).
+        watch: after an alarm, read every other rank's records each period (3 store
+            reads per rank), in case the store's host exits; needless when it outlives
+            the ranks (torchrun's agent), and costly with thousands of ranks.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class Heartbeat:
         wait_s: float = 2.0,
         host: str = "the job's store",
         prefix: str = "functorch_diary/liveness/0/",
+        watch: bool = True,
     ):
         self.store, self.rank, self.world_size = store, rank, world_size
         self.period_s, self.wait_s, self.host, self.prefix = period_s, wait_s, host, prefix
@@ -78,7 +83,7 @@ class Heartbeat:
         self._lock = threading.Lock()
         self._seen: dict[int, dict] = {}
         self._last_seen: float | None = None
-        self._watching = False
+        self._watch, self._watching = watch, False
         self._stop = threading.Event()
         self._add("beat", rank, 1)  # registered before init_from_env returns
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -96,7 +101,7 @@ class Heartbeat:
         while not self._stop.wait(self.period_s):
             try:
                 self._add("beat", self.rank, 1)
-                if self._watching or self._add("alarm", None, 0):
+                if self._watching or (self._watch and self._add("alarm", None, 0)):
                     self._watching = True
                     self._observe()
             except Exception:  # the store's host is gone: nobody is left to tell
@@ -220,6 +225,7 @@ def start(rank: int, world_size: int) -> Heartbeat:
         world_size,
         host=f"{host}, which hosts the job's store at {address}:{port},",
         prefix=f"functorch_diary/liveness/{restart}/{_generation}/",
+        watch=not agent,  # the agent's store outlives every rank
     )
     return _current
 
