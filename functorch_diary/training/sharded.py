@@ -84,7 +84,7 @@ from ..tree import (
     tree_map,
     tree_unflatten_like,
 )
-from .distributed import DistributedError, all_reduce_mean
+from .distributed import DistributedError, all_reduce_mean, collective_failure
 from .step import Batch, LossFn, TrainState, apply_step, loss_objective, step_key, value_and_grad
 
 __all__ = [
@@ -416,7 +416,7 @@ def make_sharded_train_step(
 
     Raises:
         DistributedError: a collective failed (a rank died or timed out); the message
-            names this rank.
+            names this rank and the one that died.
     """
 
     objective = loss_objective(model, loss_fn)
@@ -435,7 +435,7 @@ def make_sharded_train_step(
 
     def step(ts: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
         mesh = _params_mesh(ts.params)
-        rank, size, group = mesh.get_local_rank(), mesh.size(), mesh.get_group()
+        rank, group = mesh.get_local_rank(), mesh.get_group()
         inputs, targets = batch
         key = prng.fold_in(step_key(ts), rank)  # each shard holds other samples
         try:
@@ -453,12 +453,7 @@ def make_sharded_train_step(
         except Exception as exc:
             if not _is_collective_failure(exc):
                 raise
-            raise DistributedError(
-                f"rank {rank} of {size}: sharded step failed in a collective: another rank "
-                f"has probably died, or is stuck past the process group's timeout. Look at "
-                f"the other ranks' output for the first error. ({type(exc).__name__}: "
-                f"{str(exc).strip().splitlines()[0] if str(exc) else ''})"
-            ) from exc
+            raise collective_failure("a collective of the sharded step", exc) from exc
         # Hook 3: the update runs on the local shards, plain tensors, then is re-wrapped.
         local = TrainState(_to_local(ts.params), {}, _to_local(ts.opt_state), ts.step, ts.rng)
         new_local = apply_step(local, _to_local(grads), new_state, optimizer)
