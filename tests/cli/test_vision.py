@@ -58,13 +58,13 @@ def test_segmentation_recipe_short_run(tmp_path, recipe):
     _write_folder(tmp_path / "data" / "test", 4, seed=1)
     out, rows = _run(tmp_path, recipe, "--data-dir", str(tmp_path / "data"))
     assert 0.0 <= float(rows[-1]["val_miou"]) <= 1.0
-    # Two rows (truth, prediction) of the four 32x32 test images, make_grid's 2-pixel
-    # padding around each tile.
-    assert _png_shape(out / "predictions.png") == (3, 2 * 34 + 2, 4 * 34 + 2)
+    # Two rows (truth, prediction) of the four 32x32 test images enlarged 4 times, with
+    # make_grid's 2-pixel padding around each tile.
+    assert _png_shape(out / "predictions.png") == (3, 2 * 130 + 2, 4 * 130 + 2)
     # evaluate draws the same picture from the run's best checkpoint.
     picture = tmp_path / "best.png"
     assert main(["evaluate", str(out), "--predictions", str(picture)]) == 0
-    assert _png_shape(picture) == (3, 2 * 34 + 2, 4 * 34 + 2)
+    assert _png_shape(picture) == (3, 2 * 130 + 2, 4 * 130 + 2)
 
 
 def test_yolo_recipe_short_run(tmp_path, monkeypatch):
@@ -72,8 +72,9 @@ def test_yolo_recipe_short_run(tmp_path, monkeypatch):
     monkeypatch.setitem(RECIPES, "yolo", replace(RECIPES["yolo"], load_data=small))
     out, rows = _run(tmp_path, "yolo")
     assert 0.0 <= float(rows[-1]["val_map50"]) <= 1.0
-    # One row of the four 64x64 test images with their true and predicted boxes.
-    assert _png_shape(out / "predictions.png") == (3, 64 + 4, 4 * 66 + 2)
+    # One row of the four 64x64 test images (enlarged twice) with their true and
+    # predicted boxes.
+    assert _png_shape(out / "predictions.png") == (3, 128 + 4, 4 * 130 + 2)
 
 
 # ---- each batch's augmentation, against torchvision.transforms.v2 ----

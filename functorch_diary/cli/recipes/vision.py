@@ -269,19 +269,30 @@ def detection_metrics(eval_step: EvalStep, ts: TrainState, x: Tensor, y: Tensor)
 # ---------------------------------------------------------------------------- pictures
 
 _COLOURS = ["#e6194b", "#3cb44b", "#4363d8"]  # disc, square, triangle
+# Tiles are enlarged (nearest) to about this side before drawing, so masks, 1-pixel box
+# outlines and the labels' text stay legible on 32x32 and 64x64 images.
+_TILE = 128
 
 
 def _as_uint8(images: Tensor) -> Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _overlay(image: Tensor, mask: Tensor) -> Tensor:
+def _enlarge(t: Tensor, scale: int) -> Tensor:
+    return t.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+
+
+def _overlay(image: Tensor, mask: Tensor, scale: int) -> Tensor:
+    mask = _enlarge(mask, scale)
     classes = torch.stack([mask == k for k in range(1, len(SEGMENTATION_CLASSES))])
-    return draw_segmentation_masks(_as_uint8(image), classes, alpha=0.5, colors=_COLOURS)
+    picture = _as_uint8(_enlarge(image, scale))
+    return draw_segmentation_masks(picture, classes, alpha=0.5, colors=_COLOURS)
 
 
-def _boxes_picture(image: Tensor, found: detection.Detections, target: Tensor) -> Tensor:
-    picture, truth = _as_uint8(image), target[target[:, 4] >= 0, :4]
+def _boxes_picture(
+    image: Tensor, found: detection.Detections, target: Tensor, scale: int
+) -> Tensor:
+    picture, truth = _as_uint8(_enlarge(image, scale)), target[target[:, 4] >= 0, :4] * scale
     # draw_bounding_boxes warns on an empty set: an image with no object, or no detection.
     if len(truth):
         picture = draw_bounding_boxes(picture, truth, colors="white", width=1)
@@ -290,7 +301,7 @@ def _boxes_picture(image: Tensor, found: detection.Detections, target: Tensor) -
             f"{SHAPES[int(k)][0]} {float(p):.2f}" for k, p in zip(*found[2:0:-1], strict=True)
         ]
         colours = [_COLOURS[int(k)] for k in found.labels]
-        picture = draw_bounding_boxes(picture, found.boxes, labels, colors=colours, width=1)
+        picture = draw_bounding_boxes(picture, found.boxes * scale, labels, colors=colours, width=1)
     return picture
 
 
@@ -299,27 +310,37 @@ def _predict(model: Model, ts: TrainState, images: Tensor) -> Tensor:
     return outputs.cpu()
 
 
+def _scale(images: Tensor) -> int:
+    return max(1, _TILE // max(images.shape[-2:]))
+
+
 def draw_segmentation(model: Model, ts: TrainState, images: Tensor, masks: Tensor) -> Tensor:
     """A uint8 ``(3, H', W')`` grid: one row of ``images`` with the true masks overlaid,
-    one with the masks ``model`` predicts from ``ts``.
+    one with the masks ``model`` predicts from ``ts``; each tile enlarged to about 128
+    pixels (a 32x32 image to 128x128), 2 pixels apart.
 
     ``images`` are on the state's device; the picture is on the CPU.
     """
     predicted = _predict(model, ts, images).argmax(dim=1)
-    images, masks = images.cpu(), masks.cpu()
-    truth = [_overlay(i, m) for i, m in zip(images, masks, strict=True)]
-    guessed = [_overlay(i, m) for i, m in zip(images, predicted, strict=True)]
+    images, masks, scale = images.cpu(), masks.cpu(), _scale(images)
+    truth = [_overlay(i, m, scale) for i, m in zip(images, masks, strict=True)]
+    guessed = [_overlay(i, m, scale) for i, m in zip(images, predicted, strict=True)]
     return make_grid(torch.stack(truth + guessed), nrow=len(images), padding=2)
 
 
 def draw_detection(model: Model, ts: TrainState, images: Tensor, targets: Tensor) -> Tensor:
     """A uint8 ``(3, H', W')`` row of ``images``: true boxes in white, YOLO v1's predicted
-    boxes (score above 0.3, after NMS) in their class colour with class initial and score.
+    boxes (score above 0.3, after NMS) in their class colour with class initial and
+    score; each tile enlarged to about 128 pixels, 2 pixels apart.
 
     ``images`` are on the state's device; the picture is on the CPU.
     """
     found = _detections(_predict(model, ts, images), score_threshold=0.3)
-    tiles = [_boxes_picture(*item) for item in zip(images.cpu(), found, targets.cpu(), strict=True)]
+    scale = _scale(images)
+    tiles = [
+        _boxes_picture(image, dets, target, scale)
+        for image, dets, target in zip(images.cpu(), found, targets.cpu(), strict=True)
+    ]
     return make_grid(torch.stack(tiles), nrow=len(images), padding=2)
 
 
