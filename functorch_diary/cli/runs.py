@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor
-from torchvision.io import write_png
+from torchvision.io import encode_png
 
 from ..training.checkpointing import best_checkpoint, latest_checkpoint, load_checkpoint
 from ..training.step import TrainState, init_train_state
@@ -104,5 +104,8 @@ def write_predictions(
     picture = recipe.draw(
         recipe.build_model(), ts, images[:PICTURED].to(device), targets[:PICTURED].to(device)
     )
+    # Encoded here and written by Python: an unwritable path is an OSError naming it
+    # (torchvision's write_png raises a RuntimeError about its C++ source instead).
+    data = encode_png(picture).numpy().tobytes()
     with failure(f"writing {option} {path}", "pick a folder you can write to", OSError):
-        write_png(picture, str(path))
+        path.write_bytes(data)

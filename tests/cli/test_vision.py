@@ -53,7 +53,7 @@ def _run(tmp_path, recipe, *extra):
 
 
 @pytest.mark.parametrize("recipe", ["unet", "deeplab", "deeplab-bn"])
-def test_segmentation_recipe_short_run(tmp_path, recipe):
+def test_segmentation_recipe_short_run(tmp_path, capsys, recipe):
     _write_folder(tmp_path / "data" / "train", 24, seed=0)
     _write_folder(tmp_path / "data" / "test", 4, seed=1)
     out, rows = _run(tmp_path, recipe, "--data-dir", str(tmp_path / "data"))
@@ -65,6 +65,10 @@ def test_segmentation_recipe_short_run(tmp_path, recipe):
     picture = tmp_path / "best.png"
     assert main(["evaluate", str(out), "--predictions", str(picture)]) == 0
     assert _png_shape(picture) == (3, 2 * 130 + 2, 4 * 130 + 2)
+    missing = tmp_path / "missing" / "best.png"
+    assert main(["evaluate", str(out), "--predictions", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(missing) in err and "No such file" in err
 
 
 def test_yolo_recipe_short_run(tmp_path, monkeypatch):
