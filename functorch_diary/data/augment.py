@@ -68,6 +68,7 @@ __all__ = [
     "horizontal_flip",
     "normalize",
     "pad_crop",
+    "random_apply",
     "random_color_jitter",
     "random_erasing",
     "random_gaussian_blur",
@@ -554,6 +555,35 @@ def sanitize_boxes(
         & (boxes <= limits).all(dim=-1)
     )
     return torch.where(valid[..., None], boxes, 0.0), torch.where(valid, labels, -1)
+
+
+def random_apply(transform: Transform, p: float = 0.5) -> Transform:
+    """``RandomApply([transform], p)`` per image: each image of the batch (with its mask
+    and boxes) is ``transform``'s output with probability ``p``, else left as it was.
+
+    The choice is drawn from ``fold_in(key, 0)`` and ``transform`` gets ``fold_in(key, 1)``.
+    The whole batch is transformed and each image picks its version (no data-dependent
+    branch, so it batches and compiles).
+
+    Example:
+        >>> batch = VisionBatch(torch.linspace(0, 1, 6 * 3 * 8 * 8).view(6, 3, 8, 8))
+        >>> out = random_apply(random_rotation, p=0.5)(batch, prng.key(0))
+        >>> [bool(torch.equal(o, i)) for o, i in zip(out.images, batch.images)]
+        [False, True, False, False, False, True]
+    """
+
+    def apply(batch: VisionBatch, key: Tensor) -> VisionBatch:
+        chosen = draw_flip(prng.fold_in(key, 0), len(batch.images), p)  # (N,) Bernoulli(p)
+        transformed = transform(batch, prng.fold_in(key, 1))
+        views = (_image_view, _mask_view, _mask_view)
+        return VisionBatch(
+            *(
+                None if old is None else torch.where(view(chosen), new, old)
+                for view, new, old in zip(views, transformed, batch, strict=True)
+            )
+        )
+
+    return apply
 
 
 def compose(*transforms: Transform) -> Transform:

@@ -95,20 +95,24 @@ def test_segmentation_augmentation_moves_the_masks_with_the_pixels():
     images, masks = segmentation_set(6, 32, seed=3)
     images = images.double()  # float64: the comparison is tight
     ours = augment_segmentation(images, masks, KEY)
-    # The parameters the recipe's pipeline draws: one key per transform, in order.
-    crop = augment.draw_resized_crop(prng.fold_in(KEY, 0), 6, (32, 32), scale=(0.5, 1.0))
+    # The parameters the recipe's pipeline draws: one key per transform, in order; the
+    # zoom and rotation, applied to half the images, split their key again.
+    zoom_key = prng.fold_in(prng.fold_in(KEY, 0), 1)
+    zoomed = augment.draw_flip(prng.fold_in(prng.fold_in(KEY, 0), 0), 6)
+    crop = augment.draw_resized_crop(prng.fold_in(zoom_key, 0), 6, (32, 32), scale=(0.5, 1.0))
+    angle = augment.draw_rotation(prng.fold_in(zoom_key, 1), 6, 20.0)
     hflip, vflip = (augment.draw_flip(prng.fold_in(KEY, k), 6) for k in (1, 2))
-    angle = augment.draw_rotation(prng.fold_in(KEY, 3), 6, 20.0)
-    jitter = augment.draw_color_jitter(prng.fold_in(KEY, 4), 6, 0.3, 0.3, 0.3)
-    assert 0 < int(hflip.sum()) < 6 and 0 < int(vflip.sum()) < 6
+    jitter = augment.draw_color_jitter(prng.fold_in(KEY, 3), 6, 0.3, 0.3, 0.3)
+    assert all(0 < int(chosen.sum()) < 6 for chosen in (zoomed, hflip, vflip))
     for i in range(6):
 
         def geometry(x, i=i):
-            x = TF.resized_crop(x, *(int(p[i]) for p in crop), [32, 32],
-                                InterpolationMode.BILINEAR, antialias=False)  # fmt: skip
+            if zoomed[i]:
+                x = TF.resized_crop(x, *(int(p[i]) for p in crop), [32, 32],
+                                    InterpolationMode.BILINEAR, antialias=False)  # fmt: skip
+                x = TF.rotate(x, float(angle[i]), InterpolationMode.BILINEAR)
             x = TF.horizontal_flip(x) if hflip[i] else x
-            x = TF.vertical_flip(x) if vflip[i] else x
-            return TF.rotate(x, float(angle[i]), InterpolationMode.BILINEAR)
+            return TF.vertical_flip(x) if vflip[i] else x
 
         image, mask = geometry(tv_tensors.Image(images[i])), geometry(tv_tensors.Mask(masks[i]))
         assert_trees_close(ours[0][i], _jitter(image, jitter, i).as_subclass(torch.Tensor),

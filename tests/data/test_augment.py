@@ -227,3 +227,19 @@ def test_sanitize_boxes_drops_what_torchvision_drops_and_keeps_the_layout():
             assert torch.equal(ours[i][kept[i] >= 0], theirs.as_subclass(torch.Tensor))
             assert not ours[i][kept[i] < 0].any()  # dropped boxes are padding: zero boxes
     assert kept.tolist()[0][:2] == [0, -1] and kept.tolist()[1][:3] == [1, -1, -1]
+
+
+def test_random_apply_picks_the_transformed_or_the_original_image_by_image():
+    batch = _batch(12)
+    rotate = partial(augment.random_rotation, degrees=30.0)
+    out = augment.random_apply(rotate, p=0.5)(batch, KEY)
+    chosen = augment.draw_flip(prng.fold_in(KEY, 0), N, 0.5)
+    assert 0 < int(chosen.sum()) < N  # both branches are exercised
+    rotated = rotate(batch, prng.fold_in(KEY, 1))
+    for i in range(N):
+        want = rotated if chosen[i] else batch
+        for got, expected in zip(out, want, strict=True):
+            assert torch.equal(got[i], expected[i])
+    for p, want in ((0.0, batch), (1.0, rotated)):
+        got = augment.random_apply(rotate, p=p)(batch, KEY)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

@@ -82,11 +82,16 @@ _YOLO_GRID = DET_SIZE // _YOLO_STRIDE
 # ---------------------------------------------------------------------------- data
 
 _JITTER = partial(augment.random_color_jitter, brightness=0.3, contrast=0.3, saturation=0.3)
+# The test images are neither zoomed nor rotated: half the training images stay so.
 _SEGMENTATION_AUGMENT = augment.compose(
-    partial(augment.random_resized_crop, scale=(0.5, 1.0)),
+    augment.random_apply(
+        augment.compose(
+            partial(augment.random_resized_crop, scale=(0.5, 1.0)),
+            partial(augment.random_rotation, degrees=20.0),
+        )
+    ),
     augment.random_horizontal_flip,
     augment.random_vertical_flip,
-    partial(augment.random_rotation, degrees=20.0),
     _JITTER,
 )
 # Rotations would loosen the boxes and big crops cut objects: shifts and flips.
@@ -99,9 +104,10 @@ _DETECTION_AUGMENT = augment.compose(
 
 
 def augment_segmentation(images: Tensor, masks: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-    """A training batch's augmentation: resized crop (50-100% of the area), flips and
-    rotation (+-20 degrees) with the masks moved with the pixels, then colour jitter
-    (brightness, contrast, saturation +-30%); a pure function of its arguments.
+    """A training batch's augmentation: on half the images a resized crop (50-100% of
+    the area) and a rotation (+-20 degrees), then flips, the masks moved with the pixels,
+    then colour jitter (brightness, contrast, saturation +-30%); a pure function of its
+    arguments.
 
     Example:
         >>> from functorch_diary import prng
