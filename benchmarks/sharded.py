@@ -41,6 +41,7 @@ def worker(steps: int, warmup: int, batch: int) -> None:
 
     from functorch_diary import models, optim
     from functorch_diary.training import distributed, sharded
+    from benchmarks.compare_eager_vs_compile import step_memory_mb
     from functorch_diary.tree import tree_leaves
 
     world = distributed.init_from_env("gloo", timeout_s=300)
@@ -69,6 +70,14 @@ def worker(steps: int, warmup: int, batch: int) -> None:
         if i >= warmup:
             times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    resident = sharded.local_bytes((ts.params, ts.state, ts.opt_state))
+
+    def one_step() -> None:
+        nonlocal ts
+        ts, metrics = step(ts, local)
+        float(metrics["loss"])
+
+    allocated_mib, step_peak_mib = step_memory_mb(one_step, torch.device("cpu"))
     report = {
         "ranks": world.world_size,
         "rank": world.rank,
@@ -76,6 +85,9 @@ def worker(steps: int, warmup: int, batch: int) -> None:
         "whole_bytes": whole_bytes,
         "peak_rss_bytes": peak,
         "peak_rss_delta_bytes": peak - before,
+        "step_allocated_bytes": int(allocated_mib * 2**20),
+        "step_peak_above_resident_bytes": int(step_peak_mib * 2**20),
+        "step_peak_bytes": resident + int(step_peak_mib * 2**20),
         "step_ms": 1000 * statistics.median(times),
     }
     print(json.dumps(report), flush=True)
@@ -141,15 +153,19 @@ def main() -> None:
             "resident_share": max(r["resident_bytes"] for r in reports) / reports[0]["whole_bytes"],
             "peak_rss_mib_per_rank": max(r["peak_rss_bytes"] for r in reports) / 2**20,
             "peak_rss_delta_mib_per_rank": max(r["peak_rss_delta_bytes"] for r in reports) / 2**20,
+            "step_peak_mib_per_rank": max(r["step_peak_bytes"] for r in reports) / 2**20,
+            "step_transient_mib_per_rank": max(
+                r["step_peak_above_resident_bytes"] for r in reports) / 2**20,
             "step_ms": max(r["step_ms"] for r in reports),
             "per_rank": reports,
         })  # fmt: skip
-    print(f"{'ranks':>5} {'resident MiB':>13} {'share':>6} {'peak RSS MiB':>13} "
-          f"{'RSS growth MiB':>15} {'step ms':>9}")  # fmt: skip
+    print(f"{'ranks':>5} {'resident MiB':>13} {'share':>6} {'step peak MiB':>14} "
+          f"{'transient MiB':>14} {'peak RSS MiB':>13} {'step ms':>9}")  # fmt: skip
     for row in rows:
         print(f"{row['ranks']:>5} {row['resident_mib_per_rank']:>13.1f} "
-              f"{row['resident_share']:>6.3f} {row['peak_rss_mib_per_rank']:>13.1f} "
-              f"{row['peak_rss_delta_mib_per_rank']:>15.1f} {row['step_ms']:>9.1f}")  # fmt: skip
+              f"{row['resident_share']:>6.3f} {row['step_peak_mib_per_rank']:>14.1f} "
+              f"{row['step_transient_mib_per_rank']:>14.1f} "
+              f"{row['peak_rss_mib_per_rank']:>13.1f} {row['step_ms']:>9.1f}")  # fmt: skip
     if args.out:
         meta = {
             "command": "PYTHONPATH=. python benchmarks/sharded.py " + " ".join(sys.argv[1:]),

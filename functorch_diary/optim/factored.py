@@ -26,6 +26,7 @@ from ..tree import PyTree, tree_map
 from .base import GradientTransformation, chain, zero_count
 from .fast_path import host_number
 from .foreach_step import Number, maximum, minimum, torch_step
+from .shards import require_whole
 from .transforms import ScalarOrSchedule, track_learning_rate
 
 __all__ = ["AdafactorState", "adafactor"]
@@ -145,4 +146,7 @@ def adafactor(
             new_params.append(p + update * (factor.to(update.dtype) if traced else factor))
         return new_params, AdafactorState(state.count, row_vars, col_vars, variances)
 
-    return chain(track_learning_rate(lr), torch_step("adafactor", init, step, lr))
+    def whole_leaves(params: PyTree) -> None:
+        require_whole(params, "adafactor", "reads each whole leaf (its RMS, its column factor)")
+
+    return chain(track_learning_rate(lr), torch_step("adafactor", init, step, lr, whole_leaves))

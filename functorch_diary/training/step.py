@@ -321,9 +321,17 @@ def build_step(
     has_aux: bool = False,
     model_inputs: Callable[[Any], Any] | None = None,
     donate: bool = False,
+    prepare_state: Callable[[State], State] | None = None,
+    forward_context: Callable[[Params], contextlib.AbstractContextManager] | None = None,
+    apply: Callable[[TrainState, Params, State, GradientTransformation, bool], TrainState] = (
+        apply_step
+    ),
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The step body, uncompiled: forward and loss (:func:`loss_objective`), gradients
     (:func:`value_and_grad`), then :func:`apply_step`.
+
+    Every step of the package with ``make_train_step``'s contract is this body; the hooks
+    are where the data-parallel and sharded steps differ from one process.
 
     Args:
         model, loss_fn, optimizer, autocast_dtype, channels_last, donate: as for
@@ -331,12 +339,26 @@ def build_step(
         key_of: the step's random key from the ``TrainState`` (data-parallel ranks fold
             their rank in).
         reduce: ``(grads, loss, new_state) -> (grads, loss, new_state)`` between the
-            backward pass and the update: the data-parallel step averages over ranks here.
+            backward pass and the update: the data-parallel step averages over ranks here,
+            the sharded step puts each gradient on its param's shards.
         loss_sees, has_aux, model_inputs: as for :func:`make_train_step`.
+        prepare_state: the model state the forward gets, from ``ts.state`` (the sharded
+            step hands it over as plain local tensors).
+        forward_context: ``params -> context manager`` entered around the forward and the
+            loss, inside the differentiated function, given the params being
+            differentiated (the sharded step gathers each param there when an op uses
+            it, and synchronises BatchNorm's statistics).
+        apply: ``(ts, grads, new_state, optimizer, donate) -> next ts``, by default
+            :func:`apply_step` (the sharded step runs it on the local shards).
     """
-    objective = loss_objective(
-        model, loss_fn, autocast_dtype, loss_sees=loss_sees, has_aux=has_aux
-    )
+    objective = loss_objective(model, loss_fn, autocast_dtype, loss_sees=loss_sees, has_aux=has_aux)
+    if forward_context is not None:
+        plain = objective
+
+        def objective(params, state, inputs, targets, key):
+            with forward_context(params):
+                return plain(params, state, inputs, targets, key)
+
     split = _batch_splitter(loss_sees, model_inputs)
 
     def step(ts: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -346,7 +368,7 @@ def build_step(
         grads, (loss, (new_state, metrics)) = value_and_grad(
             objective,
             ts.params,
-            ts.state,
+            ts.state if prepare_state is None else prepare_state(ts.state),
             inputs,
             targets,
             key_of(ts),
@@ -354,7 +376,7 @@ def build_step(
         )
         if reduce is not None:
             grads, loss, new_state = reduce(grads, loss, new_state)
-        new_ts = apply_step(ts, grads, new_state, optimizer, donate)
+        new_ts = apply(ts, grads, new_state, optimizer, donate)
         if channels_last:
             # Pin the layout of what comes out, so the next call sees the strides this
             # graph was specialised to (a gradient may come back in NCHW order).
