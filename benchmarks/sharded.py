@@ -39,9 +39,9 @@ def worker(steps: int, warmup: int, batch: int) -> None:
     import torch
     from torch import nn
 
+    from benchmarks.compare_eager_vs_compile import step_memory_mb
     from functorch_diary import models, optim
     from functorch_diary.training import distributed, sharded
-    from benchmarks.compare_eager_vs_compile import step_memory_mb
     from functorch_diary.tree import tree_leaves
 
     world = distributed.init_from_env("gloo", timeout_s=300)

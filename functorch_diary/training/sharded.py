@@ -87,7 +87,7 @@ from ..tree import (
     tree_unflatten_like,
 )
 from .distributed import DistributedError, all_reduce_mean
-from .step import Batch, LossFn, LossSees, TrainState, apply_step, build_step, step_key
+from .step import Batch, LossFn, LossSees, Objective, TrainState, apply_step, build_step, step_key
 
 __all__ = [
     "DEFAULT_MIN_NUMEL",
@@ -472,18 +472,27 @@ class _GatherOnUse(TorchFunctionMode):
         return whole.as_strided(size, stride, offset)
 
 
-def _forward_context(sync: bool) -> Callable[[PyTree], contextlib.AbstractContextManager]:
-    """The sharded forward: params gathered op by op, BatchNorm over the whole batch."""
+def _sharded_objective(sync: bool) -> Callable[[Objective], Objective]:
+    """The differentiated function of the sharded step, from the single-process one."""
 
-    def context(params: PyTree) -> contextlib.AbstractContextManager:
-        mesh = _params_mesh(params)
-        stack = contextlib.ExitStack()
-        if sync and mesh.size() > 1:
-            stack.enter_context(_SyncBatchNorm(mesh))
-        stack.enter_context(_GatherOnUse())  # innermost: gathers before sync BN runs
-        return stack
+    def wrap(objective: Objective) -> Objective:
+        def sharded(params, state, inputs, targets, key):
+            mesh = _params_mesh(params)
+            with contextlib.ExitStack() as stack:
+                if sync and mesh.size() > 1:
+                    stack.enter_context(_SyncBatchNorm(mesh))
+                stack.enter_context(_GatherOnUse())  # innermost: gathers before sync BN
+                loss, (new_state, metrics) = objective(
+                    params, _to_local(state), inputs, targets, key
+                )
+            # Each rank's loss is the mean over its shard: the gradients' reduction sums
+            # over the ranks, so 1/size of it gives the whole batch's mean. The "loss"
+            # metric stays this rank's mean (it overrides the scaled one in build_step).
+            return loss / mesh.size(), (new_state, {**metrics, "loss": loss})
 
-    return context
+        return sharded
+
+    return wrap
 
 
 def make_sharded_train_step(
@@ -531,11 +540,9 @@ def make_sharded_train_step(
         mesh = _params_mesh(ts.params)
         # Each gradient on its param's placement: a sharded param's is reduce-scattered
         # already (the backward of its gather), a replicated one's is Partial and is
-        # all-reduced here. Both sum the ranks' mean-loss gradients: / size is the mean.
+        # all-reduced here.
         grads = tree_map(
-            lambda g, p: g.redistribute(p.device_mesh, p.placements).to_local() / mesh.size(),
-            grads,
-            ts.params,
+            lambda g, p: g.redistribute(p.device_mesh, p.placements).to_local(), grads, ts.params
         )
         # The update runs on the local shards, plain tensors, then is re-wrapped.
         split = {path: str(p.placements[0]) for path, p in ts.params.items() if _is_split(p)}
@@ -560,8 +567,7 @@ def make_sharded_train_step(
         has_aux=has_aux,
         model_inputs=model_inputs,
         donate=donate,
-        prepare_state=_to_local,
-        forward_context=_forward_context(sync_batch_norm),
+        wrap_objective=_sharded_objective(sync_batch_norm),
         apply=apply,
     )
 

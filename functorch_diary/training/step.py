@@ -52,6 +52,7 @@ __all__ = [
     "LossSees",
     "Metrics",
     "ModelInputs",
+    "Objective",
     "TrainState",
     "apply_step",
     "build_step",
@@ -72,6 +73,8 @@ LossSees = Literal["outputs, targets", "params, outputs, batch"]
 LOSS_FORMS = ("outputs, targets", "params, outputs, batch")
 Batch = tuple[Any, Any]
 Metrics = dict[str, Tensor]
+#: ``objective(params, state, inputs, targets, key) -> (loss, (new_state, metrics))``.
+Objective = Callable[[Params, State, Any, Any, Tensor | None], tuple[Tensor, tuple[State, Metrics]]]
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -211,7 +214,7 @@ def loss_objective(
     *,
     loss_sees: LossSees = "outputs, targets",
     has_aux: bool = False,
-) -> Callable[[Params, State, Any, Any, Tensor | None], tuple[Tensor, tuple[State, Metrics]]]:
+) -> Objective:
     """``objective(params, state, inputs, targets, key) -> (loss, (new_state, metrics))``:
     the model in training mode on ``inputs`` (random draws from ``key``), then the loss.
 
@@ -321,8 +324,7 @@ def build_step(
     has_aux: bool = False,
     model_inputs: Callable[[Any], Any] | None = None,
     donate: bool = False,
-    prepare_state: Callable[[State], State] | None = None,
-    forward_context: Callable[[Params], contextlib.AbstractContextManager] | None = None,
+    wrap_objective: Callable[[Objective], Objective] | None = None,
     apply: Callable[[TrainState, Params, State, GradientTransformation, bool], TrainState] = (
         apply_step
     ),
@@ -342,23 +344,16 @@ def build_step(
             backward pass and the update: the data-parallel step averages over ranks here,
             the sharded step puts each gradient on its param's shards.
         loss_sees, has_aux, model_inputs: as for :func:`make_train_step`.
-        prepare_state: the model state the forward gets, from ``ts.state`` (the sharded
-            step hands it over as plain local tensors).
-        forward_context: ``params -> context manager`` entered around the forward and the
-            loss, inside the differentiated function, given the params being
-            differentiated (the sharded step gathers each param there when an op uses
-            it, and synchronises BatchNorm's statistics).
+        wrap_objective: ``objective -> objective``, the function differentiated (same
+            signature as :func:`loss_objective`'s): the sharded step gathers each param
+            there when an op uses it, synchronises BatchNorm's statistics and scales the
+            loss for the gradients' reduction.
         apply: ``(ts, grads, new_state, optimizer, donate) -> next ts``, by default
             :func:`apply_step` (the sharded step runs it on the local shards).
     """
     objective = loss_objective(model, loss_fn, autocast_dtype, loss_sees=loss_sees, has_aux=has_aux)
-    if forward_context is not None:
-        plain = objective
-
-        def objective(params, state, inputs, targets, key):
-            with forward_context(params):
-                return plain(params, state, inputs, targets, key)
-
+    if wrap_objective is not None:
+        objective = wrap_objective(objective)
     split = _batch_splitter(loss_sees, model_inputs)
 
     def step(ts: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -368,7 +363,7 @@ def build_step(
         grads, (loss, (new_state, metrics)) = value_and_grad(
             objective,
             ts.params,
-            ts.state if prepare_state is None else prepare_state(ts.state),
+            ts.state,
             inputs,
             targets,
             key_of(ts),
