@@ -35,7 +35,7 @@ from pathlib import Path
 # ---------------------------------------------------------------- one rank's measurement
 
 
-def worker(steps: int, warmup: int, batch: int) -> None:
+def worker(steps: int, warmup: int, batch: int, donate: bool) -> None:
     import torch
     from torch import nn
 
@@ -54,10 +54,12 @@ def worker(steps: int, warmup: int, batch: int) -> None:
     gen = torch.Generator().manual_seed(world.rank)
     for leaf in ts.params.values():  # fresh tensors of our own: filled in place
         leaf.to_local().normal_(0.0, 0.05, generator=gen)
+    for name, leaf in ts.state.items():  # BatchNorm's initial statistics
+        leaf.to_local().fill_(1 if name.endswith("running_var") else 0)
     whole_bytes = sum(  # a DTensor's numel is the whole tensor's
         leaf.numel() * leaf.element_size() for leaf in tree_leaves((ts.params, ts.opt_state))
     )
-    step = sharded.make_sharded_train_step(model, nn.functional.cross_entropy, opt)
+    step = sharded.make_sharded_train_step(model, nn.functional.cross_entropy, opt, donate=donate)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=gen)
     y = torch.randint(0, 10, (batch,), generator=gen)
@@ -116,6 +118,7 @@ def run(ranks: int, args: argparse.Namespace) -> list[dict]:
     }
     argv = [sys.executable, __file__, "--worker", "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--batch", str(args.batch)]  # fmt: skip
+    argv += ["--donate"] if args.donate else []
     procs = [
         subprocess.Popen(
             argv,
@@ -137,11 +140,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=16, help="global batch size")
+    parser.add_argument(
+        "--donate", action="store_true", help="make_sharded_train_step(donate=True)"
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.steps, args.warmup, args.batch)
+        worker(args.steps, args.warmup, args.batch, args.donate)
         return
     rows = []
     for n in args.ranks:

@@ -87,7 +87,17 @@ from ..tree import (
     tree_unflatten_like,
 )
 from .distributed import DistributedError, all_reduce_mean
-from .step import Batch, LossFn, LossSees, Objective, TrainState, apply_step, build_step, step_key
+from .step import (
+    Batch,
+    LossFn,
+    LossSees,
+    Objective,
+    TrainState,
+    apply_step,
+    build_step,
+    consuming,
+    step_key,
+)
 
 __all__ = [
     "DEFAULT_MIN_NUMEL",
@@ -546,7 +556,7 @@ def make_sharded_train_step(
         )
         # The update runs on the local shards, plain tensors, then is re-wrapped.
         split = {path: str(p.placements[0]) for path, p in ts.params.items() if _is_split(p)}
-        local = TrainState(_to_local(ts.params), {}, _to_local(ts.opt_state), ts.step, ts.rng)
+        local = TrainState(*(_to_local(part) for part in ts))
         with local_shards(split, lambda t: _sum_over_ranks(t, mesh)):
             new_local = apply_step(local, grads, new_state, opt, donate)
         return TrainState(
@@ -590,7 +600,7 @@ def make_sharded_train_step(
             ) from exc
         return new_ts, metrics
 
-    return step
+    return consuming(step) if donate else step
 
 
 def _is_collective_failure(exc: BaseException) -> bool:

@@ -56,6 +56,7 @@ __all__ = [
     "TrainState",
     "apply_step",
     "build_step",
+    "consuming",
     "donate_into",
     "init_train_state",
     "loss_objective",
@@ -492,7 +493,7 @@ def make_train_step(
     policy = with_compile_policy(
         step, compile, compile_mode, compile_backend, channels_last, compile_cache
     )
-    return _consuming(policy) if donate else policy
+    return consuming(policy) if donate else policy
 
 
 # Set on the step counter of a TrainState given to a donating step: its other tensors now
@@ -500,9 +501,25 @@ def make_train_step(
 _DONATED = "_functorch_diary_donated"
 
 
-def _consuming(step: Callable) -> Callable:
+def consuming(step: Callable) -> Callable:
     """``step``, refusing a ``TrainState`` it (or another donating step) was given before;
-    an attribute read per call, outside any compiled graph."""
+    an attribute read per call, outside any compiled graph. Every donating step is
+    wrapped so (``make_train_step(..., donate=True)``, the sharded step's).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from functorch_diary import Model, optim, init_train_state
+        >>> model, opt = Model(lambda: nn.Linear(2, 1)), optim.sgd(0.1)
+        >>> step = consuming(build_step(model, nn.functional.mse_loss, opt, donate=True))
+        >>> ts = init_train_state(model, opt)
+        >>> batch = (torch.ones(4, 2), torch.zeros(4, 1))
+        >>> new, _ = step(ts, batch)
+        >>> step(ts, batch)
+        Traceback (most recent call last):
+        ...
+        ValueError: this TrainState was donated to an earlier step ...
+    """
 
     def run(ts: TrainState, batch: Batch):
         if getattr(ts.step, _DONATED, False):
@@ -516,7 +533,7 @@ def _consuming(step: Callable) -> Callable:
         return out
 
     run.__doc__ = step.__doc__
-    run.__wrapped__ = step.__wrapped__
+    run.__wrapped__ = getattr(step, "__wrapped__", step)
     return run
 
 

@@ -134,7 +134,7 @@ def regularised(params, outputs, batch):  # sees the params (whole) and the batc
     return fit + 1e-3 * l2, {"fit": fit, "accuracy": right}
 
 contract = dict(loss_sees="params, outputs, batch", has_aux=True,
-                model_inputs=lambda batch: batch["x"])
+                model_inputs=lambda batch: batch["x"], donate=True)
 weights_muon = optim.multi_transform(
     {"m": optim.muon(0.02, weight_decay=0.1), "a": optim.adamw(1e-2, eps=1e-4)},
     {"m": "*.weight", "a": "*.bias"})
@@ -379,7 +379,8 @@ def test_empty_train_state_is_placed_like_a_sharded_one(one_rank_group):
 
 @pytest.mark.parametrize("name", ["contract", "clip-global-norm", "muon-replicated"])
 def test_the_train_step_s_contract_clipping_and_muon_equal_one_process(two_ranks, name):
-    """A loss that sees the params, a dict batch and auxiliary metrics; global-norm
+    """A loss that sees the params, a dict batch and auxiliary metrics (donating the
+    state, as make_train_step(donate=True) does); global-norm
     clipping over both ranks' shards; muon on a weight the user keeps whole."""
     for rank in (0, 1):
         report = two_ranks[name, rank]
