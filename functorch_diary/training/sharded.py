@@ -86,7 +86,7 @@ from ..tree import (
     tree_map,
     tree_unflatten_like,
 )
-from .distributed import DistributedError, all_reduce_mean
+from .distributed import DistributedError, all_reduce_mean, collective_failure
 from .step import (
     Batch,
     LossFn,
@@ -530,7 +530,7 @@ def make_sharded_train_step(
 
     Raises:
         DistributedError: a collective failed (a rank died or timed out); the message
-            names this rank.
+            names this rank and the one that died.
         ValueError: an optimiser stage that needs a whole leaf (``muon``, ``adafactor``)
             meets a split one, or ``dp_aggregate`` is used (the message says what to do).
     """
@@ -591,13 +591,7 @@ def make_sharded_train_step(
         except Exception as exc:
             if not _is_collective_failure(exc):
                 raise
-            raise DistributedError(
-                f"rank {mesh.get_local_rank()} of {mesh.size()}: sharded step failed in a "
-                f"collective: another rank has probably died, or is stuck past the process "
-                f"group's timeout. Look at the other ranks' output for the first error. "
-                f"({type(exc).__name__}: "
-                f"{str(exc).strip().splitlines()[0] if str(exc) else ''})"
-            ) from exc
+            raise collective_failure("a collective of the sharded step", exc) from exc
         return new_ts, metrics
 
     return consuming(step) if donate else step

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import time
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 import functorch_diary as fd
 from functorch_diary import checkpoint, data, init_train_state, models, optim
 from functorch_diary.checkpoint import distributed as dcheckpoint
-from tests.helpers import run_ranks, start_ranks
+from tests.helpers import assert_survivors_name_the_dead_rank, run_ranks, start_ranks
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without torch.distributed"
@@ -33,7 +32,7 @@ from functorch_diary.checkpoint import distributed as dcheckpoint
 from functorch_diary.training import distributed, sharded
 
 mode, run, out = sys.argv[1], sys.argv[2], sys.argv[3]
-world = distributed.init_from_env("gloo", timeout_s=30)
+world = distributed.init_from_env("gloo", timeout_s=30)  # the dead-rank test's bound
 mesh = sharded.make_mesh()
 model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
 opt = optim.adamw(1e-2)
@@ -168,19 +167,11 @@ def test_a_rank_dying_mid_save_fails_the_other_and_keeps_the_last_good_checkpoin
     script.write_text(_WORKER)
     run = tmp_path / "run"
     procs = start_ranks(script, 2, ["die-in-save", str(run), str(tmp_path)])
-    _, err1 = procs[1].communicate(timeout=300)
-    died_at = time.monotonic()
-    try:
-        out0, err0 = procs[0].communicate(timeout=90)
-    finally:
-        procs[0].kill()
-    waited = time.monotonic() - died_at
-    assert procs[1].returncode == 7, err1
-    assert procs[0].returncode != 0 and "finished" not in out0
-    assert "DistributedError: rank 0 of 2: checkpoint save" in err0, err0[-3000:]
-    assert "the last good checkpoint is unchanged" in err0
+    # The worker's collectives time out after 30 s: the survivor must fail well before.
+    waited = assert_survivors_name_the_dead_rank(
+        procs, 30, "rank {rank} of 2: checkpoint save", also=["last good checkpoint is unchanged"]
+    )
     print(f"rank 0 failed {waited:.1f}s after rank 1 died")
-    assert waited < 60, f"rank 0 took {waited:.1f}s to notice"
     # LATEST still names the step-1 save, which loads and is the step-1 state.
     assert dcheckpoint.latest_version(run) == "step-000000001"
     model = models.mlp(in_features=64, hidden=(32,), num_classes=10)

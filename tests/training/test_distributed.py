@@ -13,7 +13,7 @@ from torch import nn
 import functorch_diary as fd
 from functorch_diary import checkpoint, data, models, optim
 from functorch_diary.training import distributed
-from tests.helpers import assert_survivor_reports_the_dead_rank, rank_env, start_ranks
+from tests.helpers import assert_survivors_name_the_dead_rank, rank_env, start_ranks
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without torch.distributed"
@@ -68,8 +68,8 @@ def test_a_dying_rank_makes_the_other_fail_clearly_and_quickly(tmp_path):
     script.write_text(_WORKER)
     timeout_s = 20
     procs = start_ranks(script, 2, [str(timeout_s)], cwd=tmp_path)
-    waited = assert_survivor_reports_the_dead_rank(
-        procs, timeout_s, "rank 0 of 2: all-reduce of the gradients failed"
+    waited = assert_survivors_name_the_dead_rank(
+        procs, timeout_s, "rank {rank} of 2: all-reduce of the gradients failed: rank 1 died"
     )
     print(f"rank 0 failed {waited:.1f}s after rank 1 died")
 

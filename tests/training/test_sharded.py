@@ -17,7 +17,7 @@ from functorch_diary import checkpoint, data, models, optim
 from functorch_diary.training import sharded
 from tests.helpers import (
     SmallBNNet,
-    assert_survivor_reports_the_dead_rank,
+    assert_survivors_name_the_dead_rank,
     rank_env,
     run_ranks,
     start_ranks,
@@ -304,8 +304,8 @@ def test_a_rank_dying_mid_step_makes_the_other_fail_clearly_and_quickly(tmp_path
     script.write_text(_DYING_WORKER)
     timeout_s = 20
     procs = start_ranks(script, 2, [str(timeout_s)])
-    waited = assert_survivor_reports_the_dead_rank(
-        procs, timeout_s, "rank 0 of 2: sharded step failed in a collective"
+    waited = assert_survivors_name_the_dead_rank(
+        procs, timeout_s, "rank {rank} of 2: a collective of the sharded step failed: rank 1 died"
     )
     print(f"rank 0 failed {waited:.1f}s after rank 1 died")
 
