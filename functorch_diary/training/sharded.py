@@ -3,19 +3,24 @@
 Data parallel keeps a full copy of params, gradients and optimiser state on every rank.
 Here each leaf is a :class:`~torch.distributed.tensor.DTensor` on a one-dimensional
 :class:`~torch.distributed.device_mesh.DeviceMesh`, split along dim 0 (``Shard(0)``), so
-a rank holds about ``1/N`` of every large tensor. The step is the single-process step
-with three hooks, all on torch's own engine:
+a rank holds about ``1/N`` of every large tensor. The step is the single-process step's
+body (:func:`~functorch_diary.training.step.build_step`) with three hooks, all on
+torch's own engine:
 
-1. **gather for compute**: each param is ``redistribute`` d to ``Replicate`` (an
-   all-gather) and handed to ``Model.apply`` as a plain tensor; the gather is
-   differentiable, and its backward is a reduce-scatter (``to_local`` declares the
-   gradient ``Partial``), so
+1. **gather for compute, param by param**: each op that uses a sharded param gets it
+   whole, ``redistribute`` d to ``Replicate`` (an all-gather) just before the op; the
+   gather is differentiable, and its backward is a reduce-scatter (``to_local`` declares
+   the gradient ``Partial``). Autograd keeps only the shard for the backward pass and
+   gathers the param again when the backward needs it (a saved-tensor hook: FSDP2's
+   reshard after forward), so one param is whole at a time, not the whole model;
 2. **gradients come back reduce-scattered** to the shards, averaged over the ranks;
 3. **the optimiser updates only the local shard**: it runs on the local pieces of params,
    gradients and optimiser state, plain tensors, so every named optimiser, schedule and
-   mask runs unchanged (they act element by element). A transform that reduces over the
-   whole tree (``clip_by_global_norm``) would see only this rank's shard: use it with
-   the data-parallel step.
+   mask runs unchanged (they act element by element). The stages that look further are
+   told they run on shards (:mod:`functorch_diary.optim.shards`):
+   ``clip_by_global_norm`` takes the norm over every rank, ``apply_if_finite`` skips on
+   every rank alike, and ``muon``/``adafactor`` refuse a split leaf (keep it whole with a
+   ``Replicate()`` placement).
 
 **Placement rule** (:func:`placements_for`): a floating leaf with at least one dimension,
 at least as many rows as ranks and at least ``min_numel`` elements is ``Shard(0)`` (rows

@@ -417,3 +417,17 @@ def test_batch_norm_policies_and_a_dim_1_placement(two_ranks, name):
         assert report["placements"]["features.1.weight"] == "S(0)"
         # synchronised: the single process on the whole batch; per shard: data parallel
         assert report["error"] is None, report["error"]
+
+
+def test_a_donating_sharded_step_refuses_a_state_it_consumed(one_rank_group):
+    model, opt = fd.Model(SmallBNNet), optim.adamw(1e-2)
+    whole = fd.init_train_state(model, opt, seed=0, dtype=torch.float64)
+    ts = sharded.shard_train_state(whole, one_rank_group, min_numel=1)
+    step = sharded.make_sharded_train_step(model, nn.functional.cross_entropy, opt, donate=True)
+    ref_step = fd.make_train_step(model, nn.functional.cross_entropy, opt)
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64), torch.arange(6) % 10)
+    new, _ = step(ts, batch)
+    fd.assert_trees_close(sharded.gather_train_state(new), ref_step(whole, batch)[0])
+    with pytest.raises(ValueError, match="donated to an earlier step"):
+        step(ts, batch)
