@@ -459,7 +459,7 @@ class _GatherOnUse(TorchFunctionMode):
             if not isinstance(x, DTensor):
                 return x
             whole = _whole(x)
-            if _is_split(x):
+            if _is_split(x) and whole.numel():
                 self._gathered[whole.untyped_storage().data_ptr()] = x.detach()
             return whole
 
@@ -473,7 +473,7 @@ class _GatherOnUse(TorchFunctionMode):
         if not self._gathered or isinstance(saved, DTensor) or saved.layout != torch.strided:
             return saved
         shard = self._gathered.get(saved.untyped_storage().data_ptr())
-        if shard is None:
+        if shard is None or saved.dtype != shard.dtype:
             return saved
         return shard, saved.size(), saved.stride(), saved.storage_offset()
 
