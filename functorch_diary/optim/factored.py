@@ -3,7 +3,8 @@
 Leaves with two or more dimensions keep a factored second moment (a row and a column
 factor over the last two dimensions); vectors and scalars keep a full one, as in torch.
 Adafactor is not element-wise (it reads each leaf's norm), so it is not for
-``make_ensemble_train_step``, which steps all members' stacked leaves at once.
+``make_ensemble_train_step``, which steps all members' stacked leaves at once, and it
+refuses a leaf the sharded step splits across ranks (:mod:`.shards`).
 
 Example:
     >>> import torch
