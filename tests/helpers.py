@@ -130,6 +130,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun(args: Sequence[str], cwd, nproc: int = 2, timeout: float = 300) -> str:
+    """``torchrun --standalone --nproc-per-node nproc -m functorch_diary.cli.distributed
+    args``, as a user runs it; its stdout. A failure raises with torchrun's output (its
+    workers' errors included: a bare exit status says nothing)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    cmd = [*launcher, str(nproc), "-m", "functorch_diary.cli.distributed", *args]
+    done = subprocess.run(
+        cmd, env=rank_env(), cwd=cwd, timeout=timeout, capture_output=True, text=True
+    )
+    if done.returncode:
+        raise AssertionError(
+            f"torchrun exited {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
+        )
+    return done.stdout
+
+
 def start_ranks(script: Path, world_size: int, args: Sequence[str] = (), cwd=None):
     """``world_size`` processes of ``script`` with torchrun's variables (gloo on localhost),
     started at once; returns the ``Popen`` s (stdout/stderr piped, text)."""

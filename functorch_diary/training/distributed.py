@@ -124,7 +124,13 @@ def collective_failure(what: str, exc: BaseException, *, state: str = "") -> Dis
     """The :class:`DistributedError` for ``exc``, raised by a collective that failed on
     this rank: it names this rank, the rank(s) that stopped (read from the heartbeats,
     up to 2 s after the failure) and ``exc``'s first line. ``state`` says what is left
-    as it was (e.g. the last good checkpoint)."""
+    as it was (e.g. the last good checkpoint).
+
+    Example (no heartbeat in this process: the rank cannot be named):
+        >>> error = collective_failure("all-reduce", RuntimeError("Connection closed by peer"))
+        >>> str(error).startswith("rank 0 of 1: all-reduce failed: another rank has probably")
+        True
+    """
     rank, size = _rank_and_size()
     beat = liveness.current()
     if beat is None:

@@ -4,8 +4,6 @@ params and optimiser state take the single-process step on the whole batch."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,9 +16,9 @@ from functorch_diary.training import sharded
 from tests.helpers import (
     SmallBNNet,
     assert_survivors_name_the_dead_rank,
-    rank_env,
     run_ranks,
     start_ranks,
+    torchrun,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -42,6 +40,17 @@ from tests.helpers import assert_close_to_scale, sharded_case, sharded_tolerance
 
 world = distributed.init_from_env("gloo", timeout_s=60)
 mesh = sharded.make_mesh()
+
+# The memory share alone (no step): ResNet-18's params and AdamW state on this mesh.
+from functorch_diary import models, optim
+whole = init_train_state(models.resnet18(num_classes=10), optim.adamw(1e-3), seed=0)
+ts = sharded.shard_train_state(whole, mesh)
+print(json.dumps({
+    "case": "resnet18-share", "rank": world.rank,
+    "params_share": sharded.local_bytes(ts.params) / sharded.local_bytes(whole.params),
+    "opt_share": sharded.local_bytes(ts.opt_state) / sharded.local_bytes(whole.opt_state),
+}), flush=True)
+
 for name in sys.argv[1:]:
     start = time.perf_counter()
     model, opt, dtype, batches = sharded_case(name)
@@ -221,11 +230,25 @@ def _reports(stdout: list[str]) -> dict[tuple[str, int], dict]:
     return {(r["case"], r["rank"]): r for r in lines}
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+# On 4 ranks (slower: 4 processes on 2 cores), the cases without ResNet-18.
+FOUR_RANK_CASES = ["mlp-sgdm-float64", "mlp-adamw-float64", "lenet-sgdm-float64",
+                   "lenet-adamw-float64"]  # fmt: skip
+
+
+def _launch(tmp_path_factory, ranks: int, cases: list[str]) -> dict[tuple[str, int], dict]:
     script = tmp_path_factory.mktemp("sharded") / "worker.py"
     script.write_text(_WORKER)
-    return _reports(run_ranks(script, 2, CASES, timeout=600))
+    return _reports(run_ranks(script, ranks, cases, timeout=600))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return _launch(tmp_path_factory, 2, CASES)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    return _launch(tmp_path_factory, 4, FOUR_RANK_CASES)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -245,6 +268,25 @@ def test_each_rank_holds_about_half_of_params_and_optimizer_state(two_ranks, nam
         bound = 0.6 if name.startswith("mlp") else 0.51
         assert 0.45 < report["params_share"] < bound, report
         assert 0.45 < report["opt_share"] < bound, report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FOUR_RANK_CASES)
+def test_four_ranks_equal_one_process_on_the_whole_batch(four_ranks, name):
+    report = four_ranks[name, 0]
+    print(f"{name}: {report['seconds']} s on rank 0, worst {report['worst_of_scale']:.2g}")
+    assert report["error"] is None, report["error"]
+
+
+@pytest.mark.slow
+def test_each_of_four_ranks_holds_a_quarter_and_batch_norm_policies_hold(four_ranks):
+    for rank in range(4):
+        share = four_ranks["resnet18-share", rank]
+        # ResNet-18's replicated leaves (BatchNorm affine params, biases) are 0.07% of it.
+        assert 0.249 < share["params_share"] < 0.252, share
+        assert 0.249 < share["opt_share"] < 0.252, share
+        for name in ("bn-synchronised", "bn-per-shard"):
+            assert four_ranks[name, rank]["error"] is None, four_ranks[name, rank]["error"]
 
 
 def test_placement_rule_and_user_placements():
@@ -288,7 +330,7 @@ calls = []
 
 def loss_fn(outputs, targets):
     calls.append(1)
-    if world.rank == 1 and len(calls) == 3:
+    if world.rank == int(sys.argv[2]) and len(calls) == 3:
         os._exit(7)  # dies mid-step: after the all-gathers, before the reduce-scatters
     return nn.functional.cross_entropy(outputs, targets)
 
@@ -303,22 +345,32 @@ def test_a_rank_dying_mid_step_makes_the_other_fail_clearly_and_quickly(tmp_path
     script = tmp_path / "worker.py"
     script.write_text(_DYING_WORKER)
     timeout_s = 20
-    procs = start_ranks(script, 2, [str(timeout_s)])
+    procs = start_ranks(script, 2, [str(timeout_s), "1"])
     waited = assert_survivors_name_the_dead_rank(
         procs, timeout_s, "rank {rank} of 2: a collective of the sharded step failed: rank 1 died"
     )
     print(f"rank 0 failed {waited:.1f}s after rank 1 died")
 
 
+@pytest.mark.slow
+def test_a_rank_dying_among_four_is_named_by_every_survivor(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_DYING_WORKER)
+    # The ranks that notice first take ~2 s to name rank 3, then seconds to exit (a
+    # sharded step's pending collectives); a rank blocked on one of them fails only then,
+    # and names rank 3 from what it watched since the alarm: ~12 s in all under load.
+    timeout_s = 60
+    procs = start_ranks(script, 4, [str(timeout_s), "3"])
+    waited = assert_survivors_name_the_dead_rank(
+        procs, timeout_s, "rank {rank} of 4: a collective of the sharded step failed", dead=3
+    )
+    print(f"the last survivor failed {waited:.1f}s after rank 3 died")
+
+
 def test_torchrun_shard_trains_sharded_and_equals_one_process(tmp_path):
     out = tmp_path / "sharded.ckpt"
-    # The launcher, as a user runs it: torchrun starts 2 ranks of the module.
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "functorch_diary.cli.distributed", "--shard", "--steps", "4", "--batch-size", "16",
-         "--optimizer", "adam", "--lr", "0.01", "--dtype", "float64", "--out", str(out)],
-        check=True, env=rank_env(), cwd=tmp_path, timeout=300, capture_output=True,
-    )  # fmt: skip
+    torchrun(["--shard", "--steps", "4", "--batch-size", "16", "--optimizer", "adam", "--lr",
+              "0.01", "--dtype", "float64", "--out", str(out)], cwd=tmp_path)  # fmt: skip
     model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
     opt = optim.adam(0.01)
     ts = fd.init_train_state(model, opt, seed=0, dtype=torch.float64)
