@@ -97,7 +97,7 @@ class PeakTensorBytes(TorchDispatchMode):
 # ---------------------------------------------------------------- one rank's measurement
 
 
-def worker(steps: int, warmup: int, batch: int, plain: bool) -> None:
+def worker(steps: int, warmup: int, batch: int, plain: bool, donate: bool) -> None:
     from torch import nn
 
     from functorch_diary import init_train_state, make_train_step, models, optim
@@ -110,7 +110,7 @@ def worker(steps: int, warmup: int, batch: int, plain: bool) -> None:
     if plain:  # the single-process step on the whole batch: no group, no DTensor
         rank, world_size = 0, 1
         ts = init_train_state(model, opt, seed=0)
-        step = make_train_step(model, loss_fn, opt)
+        step = make_train_step(model, loss_fn, opt, donate=donate)
     else:
         world = distributed.init_from_env("gloo", timeout_s=300)
         rank, world_size = world.rank, world.world_size
@@ -121,7 +121,9 @@ def worker(steps: int, warmup: int, batch: int, plain: bool) -> None:
         gen = torch.Generator().manual_seed(rank)
         for leaf in ts.params.values():  # fresh tensors of our own: filled in place
             leaf.to_local().normal_(0.0, 0.05, generator=gen)
-        step = sharded.make_sharded_train_step(model, loss_fn, opt)
+        for name, leaf in ts.state.items():  # BatchNorm's initial statistics
+            leaf.to_local().fill_(1 if name.endswith("running_var") else 0)
+        step = sharded.make_sharded_train_step(model, loss_fn, opt, donate=donate)
     whole_bytes = sum(  # a DTensor's numel is the whole tensor's
         leaf.numel() * leaf.element_size() for leaf in tree_leaves((ts.params, ts.opt_state))
     )
@@ -182,6 +184,7 @@ def run(ranks: int, args: argparse.Namespace, plain: bool = False) -> list[dict]
     }
     argv = [sys.executable, __file__, "--worker", "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--batch", str(args.batch)]  # fmt: skip
+    argv += ["--donate"] if args.donate else []
     procs = [
         subprocess.Popen(
             argv + (["--plain"] if plain else []),
@@ -221,12 +224,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=16, help="global batch size")
     parser.add_argument("--no-plain", action="store_true", help="skip the make_train_step row")
+    parser.add_argument(
+        "--donate", action="store_true", help="the steps donate their TrainState (donate=True)"
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.steps, args.warmup, args.batch, args.plain)
+        worker(args.steps, args.warmup, args.batch, args.plain, args.donate)
         return
     rows = [] if args.no_plain else [summary(run(1, args, plain=True))]
     rows += [summary(run(n, args)) for n in args.ranks]

@@ -125,6 +125,89 @@ for name, sync, ref_step in [
     except AssertionError as error:
         report["error"] = str(error)
     print(json.dumps(report), flush=True)
+
+# make_train_step's contract, global-norm clipping and the stages that need whole leaves,
+# on the MLP (net.1.weight is split, the rest replicated), 3 steps of a dict batch.
+from functorch_diary import models, optim
+from functorch_diary.optim import shards
+from torch.distributed.tensor import Replicate
+model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
+gen = torch.Generator().manual_seed(2)
+batches = [{"x": torch.randn(8, 64, generator=gen, dtype=torch.float64),
+            "y": torch.randint(0, 10, (8,), generator=gen)} for _ in range(3)]
+
+def regularised(params, outputs, batch):  # sees the params (whole) and the batch
+    fit = nn.functional.cross_entropy(outputs, batch["y"])
+    l2 = sum(p.square().sum() for p in params.values())
+    right = (outputs.argmax(1) == batch["y"]).to(outputs.dtype).mean()
+    return fit + 1e-3 * l2, {"fit": fit, "accuracy": right}
+
+contract = dict(loss_sees="params, outputs, batch", has_aux=True,
+                model_inputs=lambda batch: batch["x"], donate=True)
+weights_muon = optim.multi_transform(
+    {"m": optim.muon(0.02, weight_decay=0.1), "a": optim.adamw(1e-2, eps=1e-4)},
+    {"m": "*.weight", "a": "*.bias"})
+cases = {  # name: (optimiser, user placements, the step's options)
+    "contract": (optim.adamw(1e-2, weight_decay=0.1, eps=1e-4), None, contract),
+    "clip-global-norm": (optim.apply_if_finite(optim.chain(
+        optim.clip_by_global_norm(0.05), optim.sgd(0.1, momentum=0.9))), None, {}),
+    "muon-replicated": (weights_muon, {"net.1.weight": Replicate()}, {}),
+}
+for name, (opt, placements, options) in cases.items():
+    loss_fn = regularised if options else (
+        lambda out, y: nn.functional.cross_entropy(out, y))
+    pairs = [(b, b) if options else ((b["x"], b["y"]),) * 2 for b in batches]
+    whole = init_train_state(model, opt, seed=0, dtype=torch.float64)
+    ts = sharded.shard_train_state(whole, mesh, placements)
+    step = sharded.make_sharded_train_step(model, loss_fn, opt, **options)
+    ref_step = make_train_step(model, loss_fn, opt, **options)
+    ref, metrics, ref_metrics = whole, [], []
+    for batch, _ in pairs:
+        ts, m = step(ts, distributed.shard(batch, world.rank, world.world_size))
+        ref, r = ref_step(ref, batch)
+        metrics.append(m)
+        ref_metrics.append(r)
+    report = {"case": name, "rank": world.rank, "metrics": sorted(metrics[0]),
+              "placements": {k: str(v.placements[0]) for k, v in ts.params.items()}}
+    if name == "clip-global-norm":  # the clipping did act: unclipped SGD goes elsewhere
+        plain = optim.sgd(0.1, momentum=0.9)
+        free = make_train_step(model, loss_fn, plain)(
+            init_train_state(model, plain, seed=0, dtype=torch.float64), pairs[0][0])[0]
+        first = make_train_step(model, loss_fn, opt)(whole, pairs[0][0])[0]
+        report["clip_changed_step_by"] = float(
+            (free.params["net.1.weight"] - first.params["net.1.weight"]).abs().max())
+    try:
+        assert_close_to_scale(sharded.gather_train_state(ts)[:3], ref[:3], 1e-12)
+        assert_close_to_scale(metrics, ref_metrics, 1e-12)
+        report["error"] = None
+    except AssertionError as error:
+        report["error"] = str(error)
+    print(json.dumps(report), flush=True)
+
+# Stages that need a whole leaf refuse a split one, naming it; one that reduces over the
+# leaves sees every rank (a flag false on rank 0 only is false everywhere).
+refusals = {
+    "muon": weights_muon,
+    "adafactor": optim.adafactor(lr=0.01),
+    "dp_aggregate": optim.chain(optim.dp_aggregate(1.0, 0.0, key=0), optim.sgd(0.1)),
+}
+report = {"case": "refusals", "rank": world.rank}
+batch = distributed.shard((batches[0]["x"], batches[0]["y"]), world.rank, world.world_size)
+for name, opt in refusals.items():
+    ts = sharded.shard_train_state(init_train_state(model, opt, dtype=torch.float64), mesh)
+    try:
+        sharded.make_sharded_train_step(model, nn.functional.cross_entropy, opt)(ts, batch)
+        report[name] = None
+    except ValueError as error:
+        report[name] = str(error)
+def total(t):
+    t = t.clone()
+    torch.distributed.all_reduce(t)
+    return t
+
+with shards.local_shards({}, total):
+    report["all_ranks"] = bool(shards.all_ranks(torch.tensor(world.rank != 0)))
+print(json.dumps(report), flush=True)
 torch.distributed.destroy_process_group()
 """
 
@@ -346,6 +429,38 @@ def test_empty_train_state_is_placed_like_a_sharded_one(one_rank_group):
     assert describe(empty) == describe(full)
 
 
+@pytest.mark.parametrize("name", ["contract", "clip-global-norm", "muon-replicated"])
+def test_the_train_step_s_contract_clipping_and_muon_equal_one_process(two_ranks, name):
+    """A loss that sees the params, a dict batch and auxiliary metrics (donating the
+    state, as make_train_step(donate=True) does); global-norm
+    clipping over both ranks' shards; muon on a weight the user keeps whole."""
+    for rank in (0, 1):
+        report = two_ranks[name, rank]
+        assert report["placements"]["net.1.weight"] == (
+            "R" if name == "muon-replicated" else "S(0)"
+        )
+        assert report["error"] is None, report["error"]
+    if name == "contract":
+        assert two_ranks[name, 0]["metrics"] == ["accuracy", "fit", "loss"]
+    if name == "clip-global-norm":
+        assert two_ranks[name, 0]["clip_changed_step_by"] > 1e-3
+
+
+def test_stages_that_need_a_whole_leaf_refuse_a_split_one(two_ranks):
+    for rank in (0, 1):
+        report = two_ranks["refusals", rank]
+        for name, needs in [
+            ("muon", "orthogonalises each whole 2-D matrix"),
+            ("adafactor", "reads each whole leaf"),
+        ]:
+            assert report[name] is not None, f"{name} ran on a split leaf"
+            assert report[name].startswith(f"{name} {needs}"), report[name]
+            assert "param 'net.1.weight' is split across ranks (S(0))" in report[name]
+            assert "placements={'net.1.weight': Replicate()}" in report[name]
+        assert "make_dp_train_step" in report["dp_aggregate"]
+        assert report["all_ranks"] is False  # rank 0's False reaches rank 1
+
+
 @pytest.mark.parametrize("name", ["bn-synchronised", "bn-per-shard"])
 def test_batch_norm_policies_and_a_dim_1_placement(two_ranks, name):
     for rank in (0, 1):
@@ -354,3 +469,17 @@ def test_batch_norm_policies_and_a_dim_1_placement(two_ranks, name):
         assert report["placements"]["features.1.weight"] == "S(0)"
         # synchronised: the single process on the whole batch; per shard: data parallel
         assert report["error"] is None, report["error"]
+
+
+def test_a_donating_sharded_step_refuses_a_state_it_consumed(one_rank_group):
+    model, opt = fd.Model(SmallBNNet), optim.adamw(1e-2)
+    whole = fd.init_train_state(model, opt, seed=0, dtype=torch.float64)
+    ts = sharded.shard_train_state(whole, one_rank_group, min_numel=1)
+    step = sharded.make_sharded_train_step(model, nn.functional.cross_entropy, opt, donate=True)
+    ref_step = fd.make_train_step(model, nn.functional.cross_entropy, opt)
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64), torch.arange(6) % 10)
+    new, _ = step(ts, batch)
+    fd.assert_trees_close(sharded.gather_train_state(new), ref_step(whole, batch)[0])
+    with pytest.raises(ValueError, match="donated to an earlier step"):
+        step(ts, batch)
