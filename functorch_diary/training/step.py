@@ -342,15 +342,16 @@ def build_step(
         key_of: the step's random key from the ``TrainState`` (data-parallel ranks fold
             their rank in).
         reduce: ``(grads, loss, new_state) -> (grads, loss, new_state)`` between the
-            backward pass and the update: the data-parallel step averages over ranks here,
-            the sharded step puts each gradient on its param's shards.
+            backward pass and the update: the data-parallel step averages over ranks here
+            (the sharded step, its model state when BatchNorm is not synchronised).
         loss_sees, has_aux, model_inputs: as for :func:`make_train_step`.
         wrap_objective: ``objective -> objective``, the function differentiated (same
             signature as :func:`loss_objective`'s): the sharded step gathers each param
             there when an op uses it, synchronises BatchNorm's statistics and scales the
             loss for the gradients' reduction.
         apply: ``(ts, grads, new_state, optimizer, donate) -> next ts``, by default
-            :func:`apply_step` (the sharded step runs it on the local shards).
+            :func:`apply_step` (the sharded step puts each gradient on its param's
+            placement and runs it on the local shards).
     """
     objective = loss_objective(model, loss_fn, autocast_dtype, loss_sees=loss_sees, has_aux=has_aux)
     if wrap_objective is not None:
