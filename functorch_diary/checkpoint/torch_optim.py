@@ -240,22 +240,16 @@ def _pending_micro_steps(state: AccumulateState) -> str | None:
     )
 
 
+def _one_inner(name: str, **options: Any) -> TorchWrapperMap:
+    """The map of a wrapper whose state keeps the wrapped state as its ``inner`` field."""
+    return TorchWrapperMap(
+        name, lambda s: {"inner": s.inner}, lambda s, new: s._replace(inner=new["inner"]), **options
+    )
+
+
+register_torch_wrapper(FiniteGuardState, _one_inner("apply_if_finite"))
 register_torch_wrapper(
-    FiniteGuardState,
-    TorchWrapperMap(
-        "apply_if_finite",
-        lambda s: {"inner": s.inner},
-        lambda s, new: s._replace(inner=new["inner"]),
-    ),
-)
-register_torch_wrapper(
-    AccumulateState,
-    TorchWrapperMap(
-        "accumulate_gradients",
-        lambda s: {"inner": s.inner},
-        lambda s, new: s._replace(inner=new["inner"]),
-        _pending_micro_steps,
-    ),
+    AccumulateState, _one_inner("accumulate_gradients", refuse_export=_pending_micro_steps)
 )
 register_torch_wrapper(
     MultiTransformState,
@@ -283,13 +277,7 @@ def _with_injected(state: InjectHyperparamsState, values: Mapping[str, Any]) -> 
 
 register_torch_wrapper(
     InjectHyperparamsState,
-    TorchWrapperMap(
-        "inject_hyperparams",
-        lambda s: {"inner": s.inner},
-        lambda s, new: s._replace(inner=new["inner"]),
-        group_values=_injected_values,
-        from_group=_with_injected,
-    ),
+    _one_inner("inject_hyperparams", group_values=_injected_values, from_group=_with_injected),
 )
 # The plateau counters live in torch's scheduler, not its optimiser: see
 # torch_schedulers.export_scheduler_state and import_optimizer_state(scheduler=...).
@@ -488,7 +476,7 @@ def export_optimizer_state(
                     put(name, key, getattr(stage, field_name).detach().clone(), path)
         return stages, members
 
-    def export_wrapper(wrapper: TorchWrapperMap, item: Any, members: list[str], where: str):
+    def export_wrapper(wrapper: TorchWrapperMap, item: Any, members: list[str], where: str) -> Any:
         if wrapper.group_values is not None:
             write(members, wrapper.group_values(item), where, over=True)
         return item
@@ -645,7 +633,7 @@ def import_optimizer_state(
             new_stages.append(stage._replace(**changes))
         return new_stages, members
 
-    def import_wrapper(wrapper: TorchWrapperMap, item: Any, members: list[str], where: str):
+    def import_wrapper(wrapper: TorchWrapperMap, item: Any, members: list[str], where: str) -> Any:
         if wrapper.from_group is None or wrapper.group_values is None:
             return item
         values = {}
