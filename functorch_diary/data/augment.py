@@ -535,6 +535,9 @@ def sanitize_boxes(
     Args:
         boxes: ``(N, M, 4)`` XYXY pixels.
         labels: ``(N, M)`` integer classes, -1 for padding (kept -1).
+        canvas_size: the images' ``(H, W)``: a box must lie within ``[0, W] x [0, H]``.
+        min_size: the shortest side kept, in pixels.
+        min_area: the smallest area kept, in square pixels.
 
     Returns:
         ``(boxes, labels)``, new tensors of the same shapes.
@@ -564,6 +567,13 @@ def random_apply(transform: Transform, p: float = 0.5) -> Transform:
     The choice is drawn from ``fold_in(key, 0)`` and ``transform`` gets ``fold_in(key, 1)``.
     The whole batch is transformed and each image picks its version (no data-dependent
     branch, so it batches and compiles).
+
+    Args:
+        transform: a ``(batch, key) -> batch`` transform of this module.
+        p: the probability that an image is transformed.
+
+    Returns:
+        A ``(batch, key) -> batch`` transform.
 
     Example:
         >>> batch = VisionBatch(torch.linspace(0, 1, 6 * 3 * 8 * 8).view(6, 3, 8, 8))

@@ -92,7 +92,14 @@ def global_norm(tree: PyTree) -> Tensor:
 
 
 def all_ranks(flag: Tensor) -> Tensor:
-    """``flag`` (a 0-dim bool) and-ed over the ranks; itself in a single process."""
+    """``flag`` (a 0-dim bool) and-ed over the ranks; itself in a single process.
+
+    Example (a stand-in for the all-reduce: another rank's flag is False):
+        >>> import torch
+        >>> with local_shards({}, lambda failed: failed + 1):
+        ...     bool(all_ranks(torch.tensor(True)))
+        False
+    """
     shards = active()
     if shards is None:
         return flag
@@ -106,6 +113,16 @@ def require_whole(tree: PyTree, optimiser: str, needs: str) -> None:
     Raises:
         ValueError: on shards, a leaf of ``tree`` is split across ranks; the message names
             the leaf, its placement and how to keep it whole.
+
+    Example:
+        >>> import torch
+        >>> tree = {"w": torch.ones(2, 2), "b": torch.ones(2)}
+        >>> require_whole(tree, "muon", "orthogonalises each whole matrix")  # one process: None
+        >>> with local_shards({"w": "Shard(0)"}, lambda t: t):
+        ...     require_whole(tree, "muon", "orthogonalises each whole matrix")
+        Traceback (most recent call last):
+        ...
+        ValueError: muon orthogonalises each whole matrix, but param 'w' is split...(Shard(0)); ...
     """
     shards = active()
     if shards is None:
