@@ -106,10 +106,15 @@ def check_on_nonfinite(on_nonfinite: str) -> None:
 
 def _raise_nonfinite(grads: PyTree, what: str) -> None:
     bad = nonfinite_paths(grads)
-    shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+    if bad:
+        where = (
+            "non-finite gradient leaves: " + ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+        )
+    else:  # the sharded step: the flag is and-ed over the ranks (optim.shards.all_ranks)
+        where = "this rank's shards are finite: another rank's shard of a leaf is not"
     raise FloatingPointError(
-        f"{what} holds NaN or inf (non-finite gradient leaves: {shown}); lower the learning "
-        "rate, clip gradients, or check the batch. Use on_nonfinite='skip' to skip such steps"
+        f"{what} holds NaN or inf ({where}); lower the learning rate, clip gradients, or "
+        "check the batch. Use on_nonfinite='skip' to skip such steps"
     )
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 import functorch_diary as fd
 from functorch_diary import optim
+from functorch_diary.optim import shards
 from functorch_diary.optim.guard import (
     FiniteGuardState,
     all_finite,
@@ -70,6 +71,17 @@ def test_raise_mode_names_the_bad_leaf():
         opt.update(_grads(bad=NAN), opt.init(params), params)
     with pytest.raises(ValueError, match="'skip' or 'raise'"):
         apply_if_finite(optim.sgd(0.1), on_nonfinite="ignore")
+
+
+def test_raise_mode_on_shards_says_another_rank_s_piece_is_not_finite():
+    """On shards the flag is and-ed over the ranks: a rank whose own pieces are finite
+    raises too, and says the bad values are another rank's (it named no leaf)."""
+    opt = apply_if_finite(optim.sgd(0.1), on_nonfinite="raise")
+    params = _params()
+    # A stand-in for the all-reduce of the failure flags: another rank failed.
+    another_failed = shards.local_shards({"a": "Shard(0)"}, lambda failed: failed + 1)
+    with another_failed, pytest.raises(FloatingPointError, match="another rank's shard of a"):
+        opt.update(_grads(), opt.init(params), params)
 
 
 def test_all_finite_and_paths():
