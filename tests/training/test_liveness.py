@@ -4,6 +4,7 @@ process (each "rank" is a Heartbeat on the same store), and a store whose host d
 from __future__ import annotations
 
 import gc
+import re
 import time
 
 import pytest
@@ -31,12 +32,17 @@ def test_every_way_a_rank_stops_is_told_apart():
     dead.close(exited=False)  # os._exit, SIGKILL, a segfault: no record
     failed.mark_failed()
     failed.close()
-    assert survivor.who_stopped() == (
-        "rank 3 died (no heartbeat for 0.2 s and no clean exit: killed or crashed); "
-        "rank 2 exited (an error there, or it ran fewer steps); "
-        "rank 4 saw a collective fail too; "
-        "rank 5 never joined the heartbeat (it did not start with init_from_env)"
-    )
+    said = survivor.who_stopped()
+    # How long rank 3 stood still is at least wait_s, and more when a reading comes late
+    # (a loaded machine): only its form is fixed.
+    assert re.fullmatch(
+        r"rank 3 died \(no heartbeat for \d+\.\d s and no clean exit: killed or crashed\); "
+        r"rank 2 exited \(an error there, or it ran fewer steps\); "
+        r"rank 4 saw a collective fail too; "
+        r"rank 5 never joined the heartbeat \(it did not start with init_from_env\)",
+        said,
+    ), said
+    assert float(said.split("no heartbeat for ")[1].split()[0]) >= 0.2
     for beat in (survivor, alive):
         beat.close()
 
