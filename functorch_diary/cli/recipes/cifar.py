@@ -53,7 +53,7 @@ def augment_cifar(
 ) -> tuple[Tensor, Tensor]:
     """Random crop of the zero-padded image and random horizontal flip, per image.
 
-    A pure function of ``(images, key)``: the same key gives the same crops and flips,
+    A pure function of its arguments: the same key gives the same crops and flips,
     with no global random state (so it runs under ``torch.compile`` and ``vmap``). The
     labels pass through: neither transform changes a class.
 
