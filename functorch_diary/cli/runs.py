@@ -97,6 +97,13 @@ def write_predictions(
     """Write ``recipe.draw``'s picture of the first :data:`PICTURED` ``images`` (moved to
     the state's device) and their ``targets`` to ``path`` as a PNG.
 
+    Args:
+        recipe: a recipe with a ``draw``.
+        ts: the trained state whose predictions are drawn.
+        images, targets: the test split (only the first :data:`PICTURED` are drawn).
+        path: the PNG to write.
+        option: the command-line option that named ``path``, for the error message.
+
     Raises:
         CliError: ``path`` cannot be written (the message names ``option`` and ``path``).
     """
