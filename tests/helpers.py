@@ -152,6 +152,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun(args: Sequence[str], cwd, nproc: int = 2, timeout: float = 300) -> str:
+    """``torchrun --standalone --nproc-per-node nproc -m functorch_diary.cli.distributed
+    args``, as a user runs it; its stdout. A failure raises with torchrun's output (its
+    workers' errors included: a bare exit status says nothing)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    cmd = [*launcher, str(nproc), "-m", "functorch_diary.cli.distributed", *args]
+    done = subprocess.run(
+        cmd, env=rank_env(), cwd=cwd, timeout=timeout, capture_output=True, text=True
+    )
+    if done.returncode:
+        raise AssertionError(
+            f"torchrun exited {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
+        )
+    return done.stdout
+
+
 def start_ranks(script: Path, world_size: int, args: Sequence[str] = (), cwd=None):
     """``world_size`` processes of ``script`` with torchrun's variables (gloo on localhost),
     started at once; returns the ``Popen`` s (stdout/stderr piped, text)."""
@@ -197,21 +213,33 @@ def run_ranks(
     return [out for out, _ in outputs]
 
 
-def assert_survivor_reports_the_dead_rank(procs, timeout_s: float, message: str) -> float:
-    """Rank 1 of ``procs`` dies (exit code 7); assert rank 0 fails within ``2 * timeout_s``
-    with ``DistributedError`` ``message``; return how long rank 0 took to notice."""
-    _, err1 = procs[1].communicate(timeout=300)
+def assert_survivors_name_the_dead_rank(
+    procs, timeout_s: float, message: str, dead: int = 1, also: Sequence[str] = ()
+) -> float:
+    """Rank ``dead`` of ``procs`` dies (exit code 7); assert every other rank fails sooner
+    than the collectives' timeout ``timeout_s`` (so from noticing the death, not from
+    waiting it out) with ``DistributedError`` ``message`` (``{rank}`` filled in) naming
+    ``dead`` as the rank that died, and the texts ``also``; return the seconds the last
+    survivor took."""
+    _, err_dead = procs[dead].communicate(timeout=300)
     died_at = time.monotonic()
+    survivors = [rank for rank in range(len(procs)) if rank != dead]
+    outputs = {}
     try:
-        out0, err0 = procs[0].communicate(timeout=3 * timeout_s)
+        for rank in survivors:
+            outputs[rank] = procs[rank].communicate(timeout=3 * timeout_s)
     finally:
-        procs[0].kill()
+        for proc in procs:
+            proc.kill()
     waited = time.monotonic() - died_at
-    assert procs[1].returncode == 7, err1
-    assert procs[0].returncode != 0 and "finished" not in out0
-    assert f"DistributedError: {message}" in err0, err0
-    assert "another rank has probably died" in err0
-    assert waited < 2 * timeout_s, f"rank 0 took {waited:.1f}s to notice"
+    assert procs[dead].returncode == 7, err_dead
+    for rank in survivors:
+        out, err = outputs[rank]
+        assert procs[rank].returncode != 0 and "finished" not in out
+        assert f"DistributedError: {message.format(rank=rank)}" in err, err[-3000:]
+        for text in (f"rank {dead} died (no heartbeat", *also):
+            assert text in err, err[-3000:]
+    assert waited < timeout_s, f"the survivors took {waited:.1f}s to notice"
     return waited
 
 

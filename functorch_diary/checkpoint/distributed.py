@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..training.distributed import DistributedError
+from ..training.distributed import collective_failure
 from ..tree import PyTree, tree_flatten_with_paths, tree_map, tree_unflatten_like
 from .format import CheckpointError
 from .format import load as load_file
@@ -73,17 +73,6 @@ def _rank() -> int:
     return dist.get_rank() if _active() else 0
 
 
-def _failed(what: str, exc: BaseException) -> DistributedError:
-    """A :class:`DistributedError` (the library's one) for a failed collective phase."""
-    size = dist.get_world_size() if _active() else 1
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return DistributedError(
-        f"rank {_rank()} of {size}: {what} failed: another rank has probably died, or is "
-        f"stuck past the process group's timeout; the last good checkpoint is unchanged. "
-        f"({type(exc).__name__}: {first})"
-    )
-
-
 def _collective(what: str, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
@@ -92,7 +81,7 @@ def _collective(what: str, fn: Callable[[], Any]) -> Any:
     except Exception as exc:  # gloo, NCCL and DCP wrap a lost peer in several types
         if not _active():
             raise
-        raise _failed(what, exc) from exc
+        raise collective_failure(what, exc, state="the last good checkpoint is unchanged") from exc
 
 
 def _dcp(name: str, flat: dict[str, Tensor], checkpoint_id: str) -> Any:

@@ -2,7 +2,8 @@
 
 ``DIR/checkpoints/epoch-NNNNNN.ckpt`` hold the ``TrainState`` and, in their metadata,
 the recipe's name and the run's settings (:data:`SETTINGS`), so a checkpoint alone
-rebuilds the model, the optimiser and the data of its run.
+rebuilds the model, the optimiser and the data of its run. A recipe with a ``draw``
+also leaves ``DIR/predictions.png`` (:func:`write_predictions`).
 """
 
 from __future__ import annotations
@@ -10,15 +11,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+from torchvision.io import encode_png
+
 from ..training.checkpointing import best_checkpoint, latest_checkpoint, load_checkpoint
 from ..training.step import TrainState, init_train_state
 from .errors import CliError, failure
 from .recipes import RECIPES, Recipe
 
-__all__ = ["SETTINGS", "checkpoint_folder", "find_checkpoint", "restore"]
+__all__ = [
+    "PICTURED",
+    "SETTINGS",
+    "checkpoint_folder",
+    "find_checkpoint",
+    "restore",
+    "write_predictions",
+]
 
 #: The options a run stores with each checkpoint and a resumed run must keep.
 SETTINGS = ("epochs", "batch_size", "lr", "seed", "total_steps")
+
+#: How many test images the prediction picture shows (the first ones of the split).
+PICTURED = 8
 
 
 def checkpoint_folder(run_dir: Path) -> Path:
@@ -75,3 +89,23 @@ def restore(option: str, path: Path, device: str) -> tuple[Recipe, TrainState, d
     with failure(f"reading {option} {path}", "the file is damaged or for another model"):
         ts, _ = load_checkpoint(path, like)
     return recipe, ts, metadata
+
+
+def write_predictions(
+    recipe: Recipe, ts: TrainState, images: Tensor, targets: Tensor, path: Path, option: str
+) -> None:
+    """Write ``recipe.draw``'s picture of the first :data:`PICTURED` ``images`` (moved to
+    the state's device) and their ``targets`` to ``path`` as a PNG.
+
+    Raises:
+        CliError: ``path`` cannot be written (the message names ``option`` and ``path``).
+    """
+    device = next(iter(ts.params.values())).device
+    picture = recipe.draw(
+        recipe.build_model(), ts, images[:PICTURED].to(device), targets[:PICTURED].to(device)
+    )
+    # Encoded here and written by Python: an unwritable path is an OSError naming it
+    # (torchvision's write_png raises a RuntimeError about its C++ source instead).
+    data = encode_png(picture).numpy().tobytes()
+    with failure(f"writing {option} {path}", "pick a folder you can write to", OSError):
+        path.write_bytes(data)

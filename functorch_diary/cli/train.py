@@ -4,8 +4,10 @@ With ``--out DIR`` the run streams ``metrics.csv`` (one row per epoch; ``steps.c
 too with ``--log-every``), TensorBoard event files in ``tensorboard/`` and saves
 ``checkpoints/epoch-NNNNNN.ckpt`` every ``--checkpoint-every`` epochs and at the end,
 keeping the last ``--keep`` and the best by validation metric; ``metrics.png`` plots the
-losses and the validation accuracy at the end. ``--resume DIR`` continues from the
-latest checkpoint with the run's own settings, bit for bit as if never interrupted.
+losses and the validation accuracy at the end, and a segmentation or detection recipe
+draws its final state's predictions on the first test images in ``predictions.png``.
+``--resume DIR`` continues from the latest checkpoint with the run's own settings, bit
+for bit as if never interrupted.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..training.loggers import CsvLogger, TensorBoard, plot_history
 from .args import device, non_negative_float, non_negative_int, output_dir, positive_int
 from .errors import CliError, failure
 from .recipes import RECIPES, Recipe
-from .runs import SETTINGS, checkpoint_folder, find_checkpoint, restore
+from .runs import SETTINGS, checkpoint_folder, find_checkpoint, restore, write_predictions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -214,7 +216,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"stopped early after epoch {len(result.history)}: {result.stopped}")
     if args.out is not None and result.history:
         plot_history(result.history, args.out / "metrics.png")
-        print(f"wrote {args.out}: metrics.csv, metrics.png, tensorboard/, checkpoints/")
+        written = "metrics.csv, metrics.png, tensorboard/, checkpoints/"
+        if recipe.draw is not None and len(split.x_test):
+            write_predictions(recipe, result.train_state, split.x_test, split.y_test,
+                              args.out / "predictions.png", "--out")  # fmt: skip
+            written += ", predictions.png"
+        print(f"wrote {args.out}: {written}")
     final = result.history[-1] if result.history else {"train_loss": float("nan")}
     # The recipe's monitored metric first (accuracy, mIoU, mAP...), then the others.
     first = recipe.monitor

@@ -68,6 +68,7 @@ __all__ = [
     "horizontal_flip",
     "normalize",
     "pad_crop",
+    "random_apply",
     "random_color_jitter",
     "random_erasing",
     "random_gaussian_blur",
@@ -78,6 +79,7 @@ __all__ = [
     "random_vertical_flip",
     "resized_crop",
     "rotate",
+    "sanitize_boxes",
     "vertical_flip",
 ]
 
@@ -512,6 +514,76 @@ def normalize(batch: VisionBatch, mean: Sequence[float], std: Sequence[float]) -
     m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     return batch._replace(images=(images - m) / s)
+
+
+def sanitize_boxes(
+    boxes: Tensor,
+    labels: Tensor,
+    canvas_size: tuple[int, int],
+    min_size: float = 1.0,
+    min_area: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Drop degenerate and out-of-image boxes from a padded ``(N, M, 4)`` batch.
+
+    ``v2.SanitizeBoundingBoxes(min_size, min_area)``'s rule (a side under ``min_size``,
+    an area under ``min_area``, or a coordinate outside ``canvas_size = (H, W)``), but a
+    dropped box becomes a padding slot, a zero box with label -1, instead of leaving the
+    tensor: the batch keeps its shape, so it stacks, batches and compiles. Call it after
+    the geometric transforms, which clamp boxes to the image (one that left it entirely
+    is clamped to a zero-width box at the edge, and dropped here).
+
+    Args:
+        boxes: ``(N, M, 4)`` XYXY pixels.
+        labels: ``(N, M)`` integer classes, -1 for padding (kept -1).
+
+    Returns:
+        ``(boxes, labels)``, new tensors of the same shapes.
+
+    Example:
+        >>> boxes = torch.tensor([[[0.0, 0.0, 4.0, 4.0], [6.0, 2.0, 6.0, 5.0]]])
+        >>> sanitize_boxes(boxes, torch.tensor([[2, 1]]), (8, 8))[1]
+        tensor([[ 2, -1]])
+    """
+    height, width = canvas_size
+    sizes = boxes[..., 2:] - boxes[..., :2]
+    limits = torch.tensor([width, height] * 2, dtype=boxes.dtype, device=boxes.device)
+    valid = (
+        (labels >= 0)
+        & (sizes >= min_size).all(dim=-1)
+        & (sizes.prod(dim=-1) >= min_area)
+        & (boxes >= 0).all(dim=-1)
+        & (boxes <= limits).all(dim=-1)
+    )
+    return torch.where(valid[..., None], boxes, 0.0), torch.where(valid, labels, -1)
+
+
+def random_apply(transform: Transform, p: float = 0.5) -> Transform:
+    """``RandomApply([transform], p)`` per image: each image of the batch (with its mask
+    and boxes) is ``transform``'s output with probability ``p``, else left as it was.
+
+    The choice is drawn from ``fold_in(key, 0)`` and ``transform`` gets ``fold_in(key, 1)``.
+    The whole batch is transformed and each image picks its version (no data-dependent
+    branch, so it batches and compiles).
+
+    Example:
+        >>> batch = VisionBatch(torch.linspace(0, 1, 6 * 3 * 8 * 8).view(6, 3, 8, 8))
+        >>> out = random_apply(random_rotation, p=0.5)(batch, prng.key(0))
+        >>> [bool(torch.equal(o, i)) for o, i in zip(out.images, batch.images)]
+        [False, True, False, False, False, True]
+    """
+
+    def apply(batch: VisionBatch, key: Tensor) -> VisionBatch:
+        chosen = draw_flip(prng.fold_in(key, 0), len(batch.images), p)  # (N,) Bernoulli(p)
+        transformed = transform(batch, prng.fold_in(key, 1))
+        views = (_image_view, _mask_view, _mask_view)
+        return VisionBatch(
+            *(
+                None if old is None else torch.where(view(chosen), new, old)
+                for view, new, old in zip(views, transformed, batch, strict=True)
+            )
+        )
+
+    return apply
 
 
 def compose(*transforms: Transform) -> Transform:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import optree
 import torch
 
-from ..tree import PyTree, tree_global_norm
+from ..tree import PyTree
 from .base import EmptyState, GradientTransformation
+from .shards import global_norm
 
 __all__ = ["clip", "clip_by_global_norm"]
 
@@ -29,7 +30,8 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` (L2 norm over all leaves).
 
     As torch does, the factor is applied even when it is 1: no data-dependent branch, so
-    no device sync and no graph break.
+    no device sync and no graph break. In the sharded step the norm is over every rank's
+    shards (:func:`~functorch_diary.optim.shards.global_norm`), as in one process.
 
     Args:
         max_norm: the largest global L2 norm let through.
@@ -48,7 +50,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         leaves, spec = optree.tree_flatten(updates, none_is_leaf=False)
         if not leaves:
             return updates, state
-        total_norm = tree_global_norm(leaves)
+        total_norm = global_norm(updates)
         factor = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
         return optree.tree_unflatten(spec, torch._foreach_mul(leaves, factor)), state
 

@@ -35,6 +35,7 @@ from torch import Tensor
 from .. import prng
 from ..tree import PyTree, tree_flatten_with_paths
 from .base import GradientTransformation, apply_updates, per_example_stage
+from .shards import active as sharded_step_running
 
 if TYPE_CHECKING:
     from ..model.core import Model
@@ -91,6 +92,12 @@ def dp_aggregate(
         )
 
     def update(updates: PyTree, state: DPAggregateState, params: PyTree | None = None):
+        if sharded_step_running():
+            raise ValueError(
+                "dp_aggregate clips each example's gradient over all leaves, but the sharded "
+                "step computes the batch's gradient, split across ranks; train DP-SGD with "
+                "make_dp_train_step in one process"
+            )
         entries = tree_flatten_with_paths(updates)
         if not entries:
             return updates, state

@@ -3,7 +3,8 @@
 Leaves with two or more dimensions keep a factored second moment (a row and a column
 factor over the last two dimensions); vectors and scalars keep a full one, as in torch.
 Adafactor is not element-wise (it reads each leaf's norm), so it is not for
-``make_ensemble_train_step``, which steps all members' stacked leaves at once.
+``make_ensemble_train_step``, which steps all members' stacked leaves at once, and it
+refuses a leaf the sharded step splits across ranks (:mod:`.shards`).
 
 Example:
     >>> import torch
@@ -26,6 +27,7 @@ from ..tree import PyTree, tree_map
 from .base import GradientTransformation, chain, zero_count
 from .fast_path import host_number
 from .foreach_step import Number, fails, hyperparams_at, maximum, minimum, torch_step
+from .shards import require_whole
 from .transforms import ScalarOrSchedule, track_learning_rate
 
 __all__ = ["AdafactorState", "adafactor", "is_factored"]
@@ -157,4 +159,7 @@ def adafactor(
             new_params.append(p + update * (factor.to(update.dtype) if traced else factor))
         return new_params, AdafactorState(state.count, row_vars, col_vars, variances)
 
-    return chain(track_learning_rate(lr), torch_step("adafactor", init, step, lr))
+    def whole_leaves(params: PyTree) -> None:
+        require_whole(params, "adafactor", "reads each whole leaf (its RMS, its column factor)")
+
+    return chain(track_learning_rate(lr), torch_step("adafactor", init, step, lr, whole_leaves))

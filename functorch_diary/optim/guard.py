@@ -46,6 +46,7 @@ from torch import Tensor
 from ..tree import PyTree, tree_flatten_with_paths, tree_leaves, tree_where
 from . import fused
 from .base import GradientTransformation, apply_gradients, updates_where
+from .shards import all_ranks
 
 __all__ = [
     "FiniteGuardState",
@@ -141,7 +142,9 @@ def apply_if_finite(
                 f"apply_if_finite got a {type(state).__name__} state; initialise the TrainState "
                 "with the wrapped optimiser (init_train_state(model, apply_if_finite(opt)))"
             )
-        ok = all_finite(grads)
+        # On shards every rank must take the same branch: a NaN in one rank's piece skips
+        # the step everywhere.
+        ok = all_ranks(all_finite(grads))
         if on_nonfinite == "raise" and not bool(ok):
             _raise_nonfinite(grads, "the gradient")
         return ok

@@ -32,6 +32,7 @@ from torch import Tensor
 from ..tree import PyTree, tree_flatten_with_paths, tree_leaves, tree_map
 from .base import GradientTransformation, chain, zero_count
 from .foreach_step import Number, fails, hyperparams_at, torch_step
+from .shards import require_whole
 from .transforms import ScalarOrSchedule, track_learning_rate
 
 __all__ = ["ADJUST_LR_FNS", "MuonState", "muon", "zeropower_via_newtonschulz"]
@@ -95,6 +96,7 @@ def _check_matrices(params: PyTree) -> None:
         # Nothing to check; and Dynamo cannot flatten with paths a tree made inside a
         # compiled step (chain's init({}) when inject_hyperparams rebuilds muon there).
         return
+    require_whole(params, "muon", "orthogonalises each whole 2-D matrix (Newton-Schulz)")
     for path, leaf in tree_flatten_with_paths(params):
         if isinstance(leaf, Tensor) and leaf.ndim != 2:
             raise ValueError(

@@ -13,7 +13,9 @@ the mean of the shards' mean losses is the mean loss.
 - Dropout masks differ per rank (the key is folded with the rank), as each shard holds
   different samples.
 - A rank that dies makes the others fail: the process group has a timeout, and a failed
-  collective raises :class:`DistributedError` saying so, instead of hanging.
+  collective raises :class:`DistributedError` naming the rank that died (each rank joined
+  with :func:`init_from_env` keeps a heartbeat in the job's store:
+  :mod:`~functorch_diary.training.liveness`), instead of hanging.
 
 Launch the digits demo on 2 CPU processes::
 
@@ -43,6 +45,7 @@ from .. import prng
 from ..model.core import Model
 from ..optim.base import GradientTransformation
 from ..tree import PyTree, tree_leaves, tree_map, tree_unflatten_like
+from . import liveness
 from .step import Batch, LossFn, TrainState, build_step, step_key
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "all_reduce_mean",
     "assert_in_sync",
     "broadcast",
+    "collective_failure",
     "init_from_env",
     "make_data_parallel_train_step",
     "shard",
@@ -58,7 +62,8 @@ __all__ = [
 
 
 class DistributedError(RuntimeError):
-    """A collective failed: another rank died, hung past the timeout, or disagrees."""
+    """A collective failed: another rank died, hung past the timeout, or disagrees. The
+    message names the rank that died when the ranks joined with :func:`init_from_env`."""
 
 
 class WorldInfo(NamedTuple):
@@ -85,7 +90,8 @@ def init_from_env(backend: str | None = None, timeout_s: float = 120.0) -> World
     Args:
         backend: ``"gloo"`` or ``"nccl"``; default NCCL when CUDA is available, else gloo.
         timeout_s: how long a collective waits for the other ranks before failing (a rank
-            that died or hangs makes the others fail within about this time).
+            that hangs makes the others fail within about this time; one that dies, as
+            soon as its connections close, plus the 2 s it takes to tell which it was).
 
     Returns:
         This rank's :class:`WorldInfo`; on NCCL its device is ``cuda:LOCAL_RANK``.
@@ -109,20 +115,45 @@ def init_from_env(backend: str | None = None, timeout_s: float = 120.0) -> World
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return WorldInfo(dist.get_rank(), dist.get_world_size(), device)
+    world = WorldInfo(dist.get_rank(), dist.get_world_size(), device)
+    liveness.start(world.rank, world.world_size)
+    return world
+
+
+def collective_failure(what: str, exc: BaseException, *, state: str = "") -> DistributedError:
+    """The :class:`DistributedError` for ``exc``, raised by a collective that failed on
+    this rank: it names this rank, the rank(s) that stopped (read from the heartbeats,
+    up to 2 s after the failure) and ``exc``'s first line. ``state`` says what is left
+    as it was (e.g. the last good checkpoint).
+
+    Example (no heartbeat in this process: the rank cannot be named):
+        >>> error = collective_failure("all-reduce", RuntimeError("Connection closed by peer"))
+        >>> str(error).startswith("rank 0 of 1: all-reduce failed: another rank has probably")
+        True
+    """
+    rank, size = _rank_and_size()
+    beat = liveness.current()
+    if beat is None:
+        who = (
+            "another rank has probably died, or is stuck past the process group's timeout "
+            "(join with training.distributed.init_from_env to have the rank named)"
+        )
+    else:
+        beat.mark_failed()
+        who = beat.who_stopped()
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return DistributedError(
+        f"rank {rank} of {size}: {what} failed: {who}{'; ' + state if state else ''}. Look "
+        f"at the other ranks' output for the first error; every rank must run the same "
+        f"steps in the same order. ({type(exc).__name__}: {first})"
+    )
 
 
 def _collective(what: str, fn: Callable[[], Any]) -> None:
     try:
         fn()
     except Exception as exc:  # gloo and NCCL raise several types for a lost peer
-        rank, size = _rank_and_size()
-        raise DistributedError(
-            f"rank {rank} of {size}: {what} failed: another rank has probably died, or is "
-            f"stuck past the process group's timeout. Look at the other ranks' output for the "
-            f"first error; every rank must run the same steps in the same order. "
-            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''})"
-        ) from exc
+        raise collective_failure(what, exc) from exc
 
 
 def _packed(tree: PyTree, what: str, op: Callable[[Tensor], None]) -> PyTree:

@@ -51,12 +51,17 @@ from ..optim import GradientTransformation, current_lr
 from .evaluation import Evaluate, classification_metrics
 from .step import LossFn, TrainState, init_train_state, make_eval_step, make_train_step
 
-__all__ = ["Callback", "Decision", "FitResult", "Record", "fit", "hold_out"]
+__all__ = ["Augment", "Callback", "Decision", "FitResult", "Record", "fit", "hold_out"]
 
 #: One epoch's (or one logging step's) numbers: ``epoch``, ``step``, ``train_loss``,
 #: ``lr``, ``seconds``, ``samples_per_second`` and ``val_<metric>`` for each validation
 #: metric.
 Record = dict[str, float]
+
+#: ``augment(inputs, targets, key) -> (inputs, targets)``: a training batch's
+#: augmentation, pure and keyed, so targets that live in the image (masks, boxes) move
+#: with its pixels; a classifier's returns its labels as they are.
+Augment = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 class Decision(NamedTuple):
@@ -138,7 +143,7 @@ def fit(
     seed: int = 0,
     device: torch.device | str = "cpu",
     compile: bool | None = None,
-    augment: Callable[[Tensor, Tensor], Tensor] | None = None,
+    augment: Augment | None = None,
     progress: bool = True,
     train_state: TrainState | None = None,
     history: Sequence[Record] = (),
@@ -159,7 +164,9 @@ def fit(
         batch_size, seed: the run; ``seed`` fixes init, batch order and dropout.
         device: where to train.
         compile: ``torch.compile`` policy of :func:`~functorch_diary.make_train_step`.
-        augment: optional ``(images, key) -> images`` for training batches.
+        augment: optional :data:`Augment`, applied to each training batch (outside the
+            step, so an eager augmentation feeds a compiled step) with the key
+            ``fold_in(key(seed + 1), step)``: a resumed run augments as the whole one.
         progress: show a tqdm progress bar.
         train_state: continue from this state (at an epoch boundary) instead of
             ``init_train_state(model, optimizer, seed)``; it is not modified.
@@ -201,7 +208,7 @@ def fit(
         start, losses = time.perf_counter(), []
         for xb, yb in batches(x_train, y_train, batch_size, seed=seed, epoch=epoch):
             if augment is not None:
-                xb = augment(xb, prng.fold_in(aug_key, ts.step))
+                xb, yb = augment(xb, yb, prng.fold_in(aug_key, ts.step))
             ts, metrics = step(ts, (xb, yb))
             losses.append(metrics["loss"])
             bar.update(1)

@@ -3,19 +3,24 @@
 Data parallel keeps a full copy of params, gradients and optimiser state on every rank.
 Here each leaf is a :class:`~torch.distributed.tensor.DTensor` on a one-dimensional
 :class:`~torch.distributed.device_mesh.DeviceMesh`, split along dim 0 (``Shard(0)``), so
-a rank holds about ``1/N`` of every large tensor. The step is the single-process step
-with three hooks, all on torch's own engine:
+a rank holds about ``1/N`` of every large tensor. The step is the single-process step's
+body (:func:`~functorch_diary.training.step.build_step`) with three hooks, all on
+torch's own engine:
 
-1. **gather for compute**: each param is ``redistribute`` d to ``Replicate`` (an
-   all-gather) and handed to ``Model.apply`` as a plain tensor; the gather is
-   differentiable, and its backward is a reduce-scatter (``to_local`` declares the
-   gradient ``Partial``), so
+1. **gather for compute, param by param**: each op that uses a sharded param gets it
+   whole, ``redistribute`` d to ``Replicate`` (an all-gather) just before the op; the
+   gather is differentiable, and its backward is a reduce-scatter (``to_local`` declares
+   the gradient ``Partial``). Autograd keeps only the shard for the backward pass and
+   gathers the param again when the backward needs it (a saved-tensor hook: FSDP2's
+   reshard after forward), so one param is whole at a time, not the whole model;
 2. **gradients come back reduce-scattered** to the shards, averaged over the ranks;
 3. **the optimiser updates only the local shard**: it runs on the local pieces of params,
    gradients and optimiser state, plain tensors, so every named optimiser, schedule and
-   mask runs unchanged (they act element by element). A transform that reduces over the
-   whole tree (``clip_by_global_norm``) would see only this rank's shard: use it with
-   the data-parallel step.
+   mask runs unchanged (they act element by element). The stages that look further are
+   told they run on shards (:mod:`functorch_diary.optim.shards`):
+   ``clip_by_global_norm`` takes the norm over every rank, ``apply_if_finite`` skips on
+   every rank alike, and ``muon``/``adafactor`` refuse a split leaf (keep it whole with a
+   ``Replicate()`` placement).
 
 **Placement rule** (:func:`placements_for`): a floating leaf with at least one dimension,
 at least as many rows as ranks and at least ``min_numel`` elements is ``Shard(0)`` (rows
@@ -63,6 +68,7 @@ import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import optree
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -73,8 +79,9 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from .. import prng
-from ..model.core import Model
+from ..model.core import Model, State
 from ..optim.base import GradientTransformation
+from ..optim.shards import local_shards
 from ..tree import (
     PyTree,
     Selector,
@@ -84,8 +91,18 @@ from ..tree import (
     tree_map,
     tree_unflatten_like,
 )
-from .distributed import DistributedError, all_reduce_mean
-from .step import Batch, LossFn, TrainState, apply_step, loss_objective, step_key, value_and_grad
+from .distributed import DistributedError, all_reduce_mean, collective_failure
+from .step import (
+    Batch,
+    LossFn,
+    LossSees,
+    Objective,
+    TrainState,
+    apply_step,
+    build_step,
+    consuming,
+    step_key,
+)
 
 __all__ = [
     "DEFAULT_MIN_NUMEL",
@@ -320,18 +337,20 @@ def _like(local: PyTree, template: PyTree) -> PyTree:
     return tree_map(wrap, local, template)
 
 
+def _sum_over_ranks(local: Tensor, mesh: DeviceMesh) -> Tensor:
+    """The sum over the ranks of ``local`` (an all-reduce), differentiable: a Partial
+    DTensor made Replicate, whose backward all-reduces too (the gradient is declared
+    Partial), so each rank's loss reaches every rank's inputs."""
+    partial = DTensor.from_local(local, mesh, [Partial()], run_check=False)
+    return partial.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+
+
 class _SyncBatchNorm(TorchFunctionMode):
     """``F.batch_norm`` in training mode with the statistics of the global batch."""
 
     def __init__(self, mesh: DeviceMesh):
         super().__init__()
         self.mesh = mesh
-
-    def _sum_over_ranks(self, local: Tensor) -> Tensor:
-        # A Partial DTensor made Replicate is an all-reduce whose backward all-reduces too
-        # (the gradient is declared Partial): each rank's loss reaches every rank's inputs.
-        partial = DTensor.from_local(local, self.mesh, [Partial()], run_check=False)
-        return partial.redistribute(self.mesh, [Replicate()]).to_local(grad_placements=[Partial()])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -353,11 +372,11 @@ class _SyncBatchNorm(TorchFunctionMode):
         )
         # Two passes over the data (mean, then squared deviations), as torch's own kernel
         # does, rather than E[x^2] - E[x]^2, which cancels catastrophically.
-        totals = self._sum_over_ranks(torch.cat([input.sum(dims), count]))
+        totals = _sum_over_ranks(torch.cat([input.sum(dims), count]), self.mesh)
         n = totals[-1]
         mean = totals[:-1] / n
         centred = input - mean.reshape(shape)
-        var = self._sum_over_ranks(centred.square().sum(dims)) / n
+        var = _sum_over_ranks(centred.square().sum(dims), self.mesh) / n
         out = centred * torch.rsqrt(var + eps).reshape(shape)
         if weight is not None:
             out = out * weight.reshape(shape)
@@ -384,20 +403,111 @@ def _params_mesh(params: PyTree) -> DeviceMesh:
     raise TypeError("the params hold no DTensor: shard the TrainState with shard_train_state()")
 
 
-def _gather_for_compute(params: PyTree) -> PyTree:
-    """Hook 1: every param whole, as a plain tensor whose backward reduce-scatters (sum)."""
-    return tree_map(
-        lambda p: p.redistribute(p.device_mesh, [Replicate()]).to_local(
-            grad_placements=[Partial()]
-        ),
-        params,
+def _is_split(leaf: Any) -> bool:
+    return (
+        isinstance(leaf, DTensor)
+        and leaf.device_mesh.size() > 1
+        and any(not isinstance(p, Replicate) for p in leaf.placements)
     )
 
 
-def _grads_to_shards(grads: PyTree, params: PyTree) -> PyTree:
-    """Hook 2: each gradient on its param's placement (a replicated param's ``Partial``
-    gradient is all-reduced here; a sharded one's is already reduce-scattered)."""
-    return tree_map(lambda g, p: g.redistribute(p.device_mesh, p.placements), grads, params)
+def _whole(param: DTensor) -> Tensor:
+    """The whole param as a plain tensor (an all-gather), differentiable: its backward
+    declares the gradient ``Partial``, so the gradient comes back reduce-scattered."""
+    return param.redistribute(param.device_mesh, [Replicate()]).to_local(
+        grad_placements=[Partial()]
+    )
+
+
+class _GatherOnUse(TorchFunctionMode):
+    """FSDP2's per-layer gathering, for any model: each op that takes a sharded param gets
+    it whole (an all-gather just before the op), and autograd keeps only the shard of it
+    for the backward pass (a saved-tensor hook re-gathers it when the backward needs it,
+    as FSDP reshards after forward). So one param is whole at a time, not all of them."""
+
+    # What reads a DTensor's metadata or identity, not its values: no gather needed.
+    _METADATA = frozenset(
+        {Tensor.dim, Tensor.size, Tensor.numel, Tensor.is_floating_point, Tensor.is_complex,
+         Tensor.stride, Tensor.element_size, Tensor.__hash__, Tensor.is_contiguous,
+         Tensor.requires_grad_, Tensor.detach}
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Storage of each param gathered for the op running now -> that param's shard;
+        # only while the op runs, when no other tensor can own that storage.
+        self._gathered: dict[int, DTensor] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        return self._hooks.__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") == "__get__" or func in self._METADATA:
+            return func(*args, **kwargs)
+        leaves = optree.tree_leaves((args, kwargs))
+        if not any(isinstance(x, DTensor) for x in leaves):
+            return func(*args, **kwargs)
+
+        def gather(x: Any) -> Any:
+            if not isinstance(x, DTensor):
+                return x
+            whole = _whole(x)
+            if _is_split(x) and whole.numel():
+                self._gathered[whole.untyped_storage().data_ptr()] = x.detach()
+            return whole
+
+        args, kwargs = optree.tree_map(gather, (args, kwargs))
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self._gathered.clear()
+
+    def _pack(self, saved: Tensor) -> Any:
+        if not self._gathered or isinstance(saved, DTensor) or saved.layout != torch.strided:
+            return saved
+        shard = self._gathered.get(saved.untyped_storage().data_ptr())
+        if shard is None or saved.dtype != shard.dtype:
+            return saved
+        return shard, saved.size(), saved.stride(), saved.storage_offset()
+
+    @staticmethod
+    def _unpack(packed: Any) -> Tensor:
+        if isinstance(packed, Tensor):
+            return packed
+        shard, size, stride, offset = packed
+        with torch.no_grad():
+            whole = shard.redistribute(shard.device_mesh, [Replicate()]).to_local()
+        return whole.as_strided(size, stride, offset)
+
+
+def _sharded_objective(sync: bool) -> Callable[[Objective], Objective]:
+    """The differentiated function of the sharded step, from the single-process one."""
+
+    def wrap(objective: Objective) -> Objective:
+        def sharded(params, state, inputs, targets, key):
+            mesh = _params_mesh(params)
+            with contextlib.ExitStack() as stack:
+                if sync and mesh.size() > 1:
+                    stack.enter_context(_SyncBatchNorm(mesh))
+                stack.enter_context(_GatherOnUse())  # innermost: gathers before sync BN
+                loss, (new_state, metrics) = objective(
+                    params, _to_local(state), inputs, targets, key
+                )
+            # Each rank's loss is the mean over its shard: the gradients' reduction sums
+            # over the ranks, so 1/size of it gives the whole batch's mean. The "loss"
+            # metric stays this rank's mean (it overrides the scaled one in build_step).
+            return loss / mesh.size(), (new_state, {**metrics, "loss": loss})
+
+        return sharded
+
+    return wrap
 
 
 def make_sharded_train_step(
@@ -406,72 +516,90 @@ def make_sharded_train_step(
     optimizer: GradientTransformation,
     *,
     sync_batch_norm: bool = True,
+    loss_sees: LossSees = "outputs, targets",
+    has_aux: bool = False,
+    model_inputs: Callable[[Any], Any] | None = None,
+    donate: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
-    """``make_train_step`` over sharded params: ``step(ts, local_batch) -> (ts, {"loss"})``.
+    """``make_train_step`` over sharded params: ``step(ts, local_batch) -> (ts, metrics)``.
 
     ``ts`` comes from :func:`shard_train_state`; ``local_batch`` is this rank's shard of
-    the global batch (:func:`~functorch_diary.training.distributed.shard`). ``"loss"`` is
-    the mean over the ranks, i.e. the whole batch's loss. With equal shards the step is
-    the single-process step on the whole batch. Runs eagerly.
+    the global batch (:func:`~functorch_diary.training.distributed.shard`). The step is
+    :func:`~functorch_diary.training.step.build_step`, the body of ``make_train_step``,
+    with the sharded hooks, so ``loss_sees``, ``has_aux``, ``model_inputs`` and ``donate``
+    mean what they mean there. A loss that sees the params sees them whole. The metrics
+    (``"loss"`` and the loss's auxiliary ones, which must be floating) are the means over
+    the ranks: with equal shards, the whole batch's. With equal shards the step is the
+    single-process step on the whole batch. Runs eagerly (``torch.compile`` of a step with
+    collectives in its backward is not supported here).
 
     Raises:
         DistributedError: a collective failed (a rank died or timed out); the message
-            names this rank.
+            names this rank and the one that died.
+        ValueError: an optimiser stage that needs a whole leaf (``muon``, ``adafactor``)
+            meets a split one, or ``dp_aggregate`` is used (the message says what to do).
     """
 
-    objective = loss_objective(model, loss_fn)
+    def key_of(ts: TrainState) -> Tensor:
+        # Each shard holds other samples: its dropout masks differ.
+        return prng.fold_in(step_key(ts), _params_mesh(ts.params).get_local_rank())
 
-    def sharded_objective(params, state, inputs, targets, key):
-        # Hook 1, inside the differentiated function: whole params for compute (and the
-        # whole batch's BatchNorm statistics); each rank's loss is the mean over its
-        # shard, so 1/size of it summed by the reduce-scatter is the mean.
-        mesh = _params_mesh(params)
-        sync = _SyncBatchNorm(mesh) if sync_batch_norm and mesh.size() > 1 else None
-        with sync if sync is not None else contextlib.nullcontext():
-            loss, (new_state, metrics) = objective(
-                _gather_for_compute(params), state, inputs, targets, key
-            )
-        return loss / mesh.size(), (new_state, {**metrics, "loss": loss})
+    def reduce(grads: PyTree, loss: Tensor, new_state: State):
+        # The state policy without synchronised BatchNorm: per-shard statistics, averaged.
+        floating = {k: v for k, v in new_state.items() if v.is_floating_point()}
+        floating = all_reduce_mean(floating, _params_mesh(grads).get_group(),
+                                   what="all-reduce of the state")  # fmt: skip
+        return grads, loss, {k: floating.get(k, v) for k, v in new_state.items()}
 
-    def step(ts: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
+    def apply(ts: TrainState, grads: PyTree, new_state: State, opt, donate: bool) -> TrainState:
         mesh = _params_mesh(ts.params)
-        rank, size, group = mesh.get_local_rank(), mesh.size(), mesh.get_group()
-        inputs, targets = batch
-        key = prng.fold_in(step_key(ts), rank)  # each shard holds other samples
-        try:
-            grads, (_, (new_state, metrics)) = value_and_grad(
-                sharded_objective, ts.params, _to_local(ts.state), inputs, targets, key
-            )
-            grads = _grads_to_shards(grads, ts.params)  # hook 2
-            metrics = all_reduce_mean(metrics, group, what="all-reduce of the metrics")
-            if not sync_batch_norm:  # the state policy: per-shard statistics, averaged
-                floating = {k: v for k, v in new_state.items() if v.is_floating_point()}
-                floating = all_reduce_mean(floating, group, what="all-reduce of the state")
-                new_state = {k: floating.get(k, v) for k, v in new_state.items()}
-        except DistributedError:
-            raise
-        except Exception as exc:
-            if not _is_collective_failure(exc):
-                raise
-            raise DistributedError(
-                f"rank {rank} of {size}: sharded step failed in a collective: another rank "
-                f"has probably died, or is stuck past the process group's timeout. Look at "
-                f"the other ranks' output for the first error. ({type(exc).__name__}: "
-                f"{str(exc).strip().splitlines()[0] if str(exc) else ''})"
-            ) from exc
-        # Hook 3: the update runs on the local shards, plain tensors, then is re-wrapped.
-        local = TrainState(_to_local(ts.params), {}, _to_local(ts.opt_state), ts.step, ts.rng)
-        new_local = apply_step(local, _to_local(grads), new_state, optimizer)
-        new_ts = TrainState(
+        # Each gradient on its param's placement: a sharded param's is reduce-scattered
+        # already (the backward of its gather), a replicated one's is Partial and is
+        # all-reduced here.
+        grads = tree_map(
+            lambda g, p: g.redistribute(p.device_mesh, p.placements).to_local(), grads, ts.params
+        )
+        # The update runs on the local shards, plain tensors, then is re-wrapped.
+        split = {path: str(p.placements[0]) for path, p in ts.params.items() if _is_split(p)}
+        local = TrainState(*(_to_local(part) for part in ts))
+        with local_shards(split, lambda t: _sum_over_ranks(t, mesh)):
+            new_local = apply_step(local, grads, new_state, opt, donate)
+        return TrainState(
             _like(new_local.params, ts.params),
             _like(new_local.state, ts.state),
             _like(new_local.opt_state, ts.opt_state),
             new_local.step,
             new_local.rng,
         )
+
+    body = build_step(
+        model,
+        loss_fn,
+        optimizer,
+        key_of=key_of,
+        reduce=None if sync_batch_norm else reduce,
+        loss_sees=loss_sees,
+        has_aux=has_aux,
+        model_inputs=model_inputs,
+        donate=donate,
+        wrap_objective=_sharded_objective(sync_batch_norm),
+        apply=apply,
+    )
+
+    def step(ts: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
+        mesh = _params_mesh(ts.params)
+        try:
+            new_ts, metrics = body(ts, batch)
+            metrics = all_reduce_mean(metrics, mesh.get_group(), what="all-reduce of the metrics")
+        except DistributedError:
+            raise
+        except Exception as exc:
+            if not _is_collective_failure(exc):
+                raise
+            raise collective_failure("a collective of the sharded step", exc) from exc
         return new_ts, metrics
 
-    return step
+    return consuming(step) if donate else step
 
 
 def _is_collective_failure(exc: BaseException) -> bool:

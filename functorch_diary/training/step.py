@@ -52,9 +52,11 @@ __all__ = [
     "LossSees",
     "Metrics",
     "ModelInputs",
+    "Objective",
     "TrainState",
     "apply_step",
     "build_step",
+    "consuming",
     "donate_into",
     "init_train_state",
     "loss_objective",
@@ -72,6 +74,8 @@ LossSees = Literal["outputs, targets", "params, outputs, batch"]
 LOSS_FORMS = ("outputs, targets", "params, outputs, batch")
 Batch = tuple[Any, Any]
 Metrics = dict[str, Tensor]
+#: ``objective(params, state, inputs, targets, key) -> (loss, (new_state, metrics))``.
+Objective = Callable[[Params, State, Any, Any, Tensor | None], tuple[Tensor, tuple[State, Metrics]]]
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -211,7 +215,7 @@ def loss_objective(
     *,
     loss_sees: LossSees = "outputs, targets",
     has_aux: bool = False,
-) -> Callable[[Params, State, Any, Any, Tensor | None], tuple[Tensor, tuple[State, Metrics]]]:
+) -> Objective:
     """``objective(params, state, inputs, targets, key) -> (loss, (new_state, metrics))``:
     the model in training mode on ``inputs`` (random draws from ``key``), then the loss.
 
@@ -321,9 +325,16 @@ def build_step(
     has_aux: bool = False,
     model_inputs: Callable[[Any], Any] | None = None,
     donate: bool = False,
+    wrap_objective: Callable[[Objective], Objective] | None = None,
+    apply: Callable[[TrainState, Params, State, GradientTransformation, bool], TrainState] = (
+        apply_step
+    ),
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The step body, uncompiled: forward and loss (:func:`loss_objective`), gradients
     (:func:`value_and_grad`), then :func:`apply_step`.
+
+    Every step of the package with ``make_train_step``'s contract is this body; the hooks
+    are where the data-parallel and sharded steps differ from one process.
 
     Args:
         model, loss_fn, optimizer, autocast_dtype, channels_last, donate: as for
@@ -331,12 +342,19 @@ def build_step(
         key_of: the step's random key from the ``TrainState`` (data-parallel ranks fold
             their rank in).
         reduce: ``(grads, loss, new_state) -> (grads, loss, new_state)`` between the
-            backward pass and the update: the data-parallel step averages over ranks here.
+            backward pass and the update: the data-parallel step averages over ranks here,
+            the sharded step puts each gradient on its param's shards.
         loss_sees, has_aux, model_inputs: as for :func:`make_train_step`.
+        wrap_objective: ``objective -> objective``, the function differentiated (same
+            signature as :func:`loss_objective`'s): the sharded step gathers each param
+            there when an op uses it, synchronises BatchNorm's statistics and scales the
+            loss for the gradients' reduction.
+        apply: ``(ts, grads, new_state, optimizer, donate) -> next ts``, by default
+            :func:`apply_step` (the sharded step runs it on the local shards).
     """
-    objective = loss_objective(
-        model, loss_fn, autocast_dtype, loss_sees=loss_sees, has_aux=has_aux
-    )
+    objective = loss_objective(model, loss_fn, autocast_dtype, loss_sees=loss_sees, has_aux=has_aux)
+    if wrap_objective is not None:
+        objective = wrap_objective(objective)
     split = _batch_splitter(loss_sees, model_inputs)
 
     def step(ts: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -354,7 +372,7 @@ def build_step(
         )
         if reduce is not None:
             grads, loss, new_state = reduce(grads, loss, new_state)
-        new_ts = apply_step(ts, grads, new_state, optimizer, donate)
+        new_ts = apply(ts, grads, new_state, optimizer, donate)
         if channels_last:
             # Pin the layout of what comes out, so the next call sees the strides this
             # graph was specialised to (a gradient may come back in NCHW order).
@@ -475,7 +493,7 @@ def make_train_step(
     policy = with_compile_policy(
         step, compile, compile_mode, compile_backend, channels_last, compile_cache
     )
-    return _consuming(policy) if donate else policy
+    return consuming(policy) if donate else policy
 
 
 # Set on the step counter of a TrainState given to a donating step: its other tensors now
@@ -483,9 +501,25 @@ def make_train_step(
 _DONATED = "_functorch_diary_donated"
 
 
-def _consuming(step: Callable) -> Callable:
+def consuming(step: Callable) -> Callable:
     """``step``, refusing a ``TrainState`` it (or another donating step) was given before;
-    an attribute read per call, outside any compiled graph."""
+    an attribute read per call, outside any compiled graph. Every donating step is
+    wrapped so (``make_train_step(..., donate=True)``, the sharded step's).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from functorch_diary import Model, optim, init_train_state
+        >>> model, opt = Model(lambda: nn.Linear(2, 1)), optim.sgd(0.1)
+        >>> step = consuming(build_step(model, nn.functional.mse_loss, opt, donate=True))
+        >>> ts = init_train_state(model, opt)
+        >>> batch = (torch.ones(4, 2), torch.zeros(4, 1))
+        >>> new, _ = step(ts, batch)
+        >>> step(ts, batch)
+        Traceback (most recent call last):
+        ...
+        ValueError: this TrainState was donated to an earlier step ...
+    """
 
     def run(ts: TrainState, batch: Batch):
         if getattr(ts.step, _DONATED, False):
@@ -499,7 +533,7 @@ def _consuming(step: Callable) -> Callable:
         return out
 
     run.__doc__ = step.__doc__
-    run.__wrapped__ = step.__wrapped__
+    run.__wrapped__ = getattr(step, "__wrapped__", step)
     return run
 
 

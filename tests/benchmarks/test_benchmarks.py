@@ -95,3 +95,17 @@ def test_defaults_and_bad_arguments(bench):
     assert (full.models, full.dtypes) == (list(bench.MODELS), ["float32", "bf16"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--models", "alexnet"])
+
+
+def test_sharded_benchmark_counts_the_bytes_of_tensors_ops_create():
+    peak_tensor_bytes = _load("sharded").PeakTensorBytes
+    before = torch.ones(1024)  # made before the counter: what the caller adds itself
+    with peak_tensor_bytes() as counter:
+        a = before * 2  # 4 KiB, new
+        view = a[1:]  # a view: no new storage
+        a.mul_(3)  # in place: none either
+        b = a + 1  # 4 KiB more: 8 KiB live
+        del a, view, b  # all freed
+        c = torch.empty(256, dtype=torch.float64)  # 2 KiB
+    assert (counter.peak, counter.live) == (8192, 2048)
+    assert c.numel() == 256

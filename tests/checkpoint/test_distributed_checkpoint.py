@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import time
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 import functorch_diary as fd
 from functorch_diary import checkpoint, data, init_train_state, models, optim
 from functorch_diary.checkpoint import distributed as dcheckpoint
-from tests.helpers import run_ranks, start_ranks
+from tests.helpers import assert_survivors_name_the_dead_rank, run_ranks, start_ranks
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without torch.distributed"
@@ -33,7 +32,7 @@ from functorch_diary.checkpoint import distributed as dcheckpoint
 from functorch_diary.training import distributed, sharded
 
 mode, run, out = sys.argv[1], sys.argv[2], sys.argv[3]
-world = distributed.init_from_env("gloo", timeout_s=30)
+world = distributed.init_from_env("gloo", timeout_s=30)  # the dead-rank test's bound
 mesh = sharded.make_mesh()
 model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
 opt = optim.adamw(1e-2)
@@ -67,7 +66,9 @@ elif mode == "resume":
     like = sharded.empty_train_state(model, opt, mesh, dtype=torch.float64)
     resumed = dcheckpoint.load(run, like=like)
     write(f"loaded_on_{world.world_size}.ckpt", resumed)
-    write(f"resumed_on_{world.world_size}.ckpt", train(resumed, 2))
+    resumed = train(resumed, 2)
+    write(f"resumed_on_{world.world_size}.ckpt", resumed)
+    dcheckpoint.save(os.path.join(out, f"run_from_{world.world_size}"), resumed)
 elif mode == "die-in-save":
     ts = train(fresh(0), 1)
     dcheckpoint.save(run, ts)  # the last good checkpoint, at step 1
@@ -113,7 +114,8 @@ def test_save_on_2_ranks_load_on_2_resumes_bit_for_bit(saved):
     assert dcheckpoint.read_metadata(saved / "run")["metadata"] == {"note": "after 2 steps"}
 
 
-def test_load_on_4_ranks_reshards(saved):
+@pytest.mark.slow
+def test_load_on_4_ranks_reshards_and_saves_what_loads_in_one_process(saved):
     script = saved / "worker.py"
     run_ranks(script, 4, ["resume", str(saved / "run"), str(saved)], timeout=300)
     at2 = checkpoint.load(saved / "at2.ckpt")
@@ -125,6 +127,11 @@ def test_load_on_4_ranks_reshards(saved):
     )
     # 2 steps on 2 ranks, then 2 on 4 ranks: the single process's 4 steps.
     fd.assert_trees_close(resumed, _reference(4), rtol=1e-12, atol=1e-15)
+    # Saved from 4 ranks (a quarter of each split leaf per file), loaded whole: bit for bit.
+    model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
+    like = init_train_state(model, optim.adamw(1e-2), seed=1, dtype=torch.float64)
+    fd.assert_trees_close(dcheckpoint.load(saved / "run_from_4", like=like), resumed)
+    assert dcheckpoint.read_metadata(saved / "run_from_4")["world_size"] == 4
 
 
 def test_load_in_one_process_and_convert_both_ways(saved, tmp_path):
@@ -168,19 +175,11 @@ def test_a_rank_dying_mid_save_fails_the_other_and_keeps_the_last_good_checkpoin
     script.write_text(_WORKER)
     run = tmp_path / "run"
     procs = start_ranks(script, 2, ["die-in-save", str(run), str(tmp_path)])
-    _, err1 = procs[1].communicate(timeout=300)
-    died_at = time.monotonic()
-    try:
-        out0, err0 = procs[0].communicate(timeout=90)
-    finally:
-        procs[0].kill()
-    waited = time.monotonic() - died_at
-    assert procs[1].returncode == 7, err1
-    assert procs[0].returncode != 0 and "finished" not in out0
-    assert "DistributedError: rank 0 of 2: checkpoint save" in err0, err0[-3000:]
-    assert "the last good checkpoint is unchanged" in err0
+    # The worker's collectives time out after 30 s: the survivor must fail well before.
+    waited = assert_survivors_name_the_dead_rank(
+        procs, 30, "rank {rank} of 2: checkpoint save", also=["last good checkpoint is unchanged"]
+    )
     print(f"rank 0 failed {waited:.1f}s after rank 1 died")
-    assert waited < 60, f"rank 0 took {waited:.1f}s to notice"
     # LATEST still names the step-1 save, which loads and is the step-1 state.
     assert dcheckpoint.latest_version(run) == "step-000000001"
     model = models.mlp(in_features=64, hidden=(32,), num_classes=10)

@@ -263,6 +263,12 @@ def test_run_writes_csv_tensorboard_plot_and_evaluate_prints_test_metrics(tmp_pa
     evaluated = capsys.readouterr().out
     accuracy = trained.split("test accuracy: ")[1].split()[0]
     assert f"test accuracy {accuracy}" in evaluated and "16 test images" in evaluated
+    # A classifier draws no prediction picture: train wrote none, evaluate refuses to.
+    assert not (out / "predictions.png").exists()
+    assert main(["evaluate", str(last), "--predictions", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the mlp recipe draws no prediction picture" in err
+    assert not (tmp_path / "p.png").exists()
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

@@ -202,3 +202,44 @@ def test_flip_probability_bounds(p, expected):
     out = augment.random_horizontal_flip(batch, KEY, p=p)
     flipped = sum(torch.equal(o, x.flip(-1)) for o, x in zip(out.images, batch.images, strict=True))
     assert flipped == expected
+
+
+def test_sanitize_boxes_drops_what_torchvision_drops_and_keeps_the_layout():
+    # Each kind of box SanitizeBoundingBoxes removes, next to ones it keeps: thin (a side
+    # under min_size), small (area under min_area), negative, past the right edge,
+    # inverted, the padding slot, and boxes exactly at the limits.
+    boxes = torch.tensor(
+        [[[1.0, 1.0, 5.0, 6.0], [2.0, 2.0, 2.5, 9.0], [3.0, 3.0, 4.2, 4.2], [-1.0, 0.0, 4.0, 4.0]],
+         [[0.0, 0.0, W, H], [5.0, 1.0, W + 0.5, 4.0], [6.0, 6.0, 4.0, 8.0], [0.0, 0.0, 0.0, 0.0]]],
+        dtype=torch.float64,
+    )  # fmt: skip
+    labels = torch.tensor([[0, 1, 2, 3], [1, 2, 0, -1]])
+    for min_size, min_area in ((1.0, 1.0), (1.0, 2.0), (2.0, 1.0)):
+        before = (boxes.clone(), labels.clone())
+        ours, kept = augment.sanitize_boxes(boxes, labels, (H, W), min_size, min_area)
+        assert torch.equal(boxes, before[0]) and torch.equal(labels, before[1])
+        assert ours.shape == boxes.shape and kept.shape == labels.shape
+        for i in range(2):
+            real = labels[i] >= 0
+            bb = tv_tensors.BoundingBoxes(boxes[i][real], format="XYXY", canvas_size=(H, W))
+            theirs, valid = TF.sanitize_bounding_boxes(bb, min_size=min_size, min_area=min_area)
+            assert torch.equal(kept[i][kept[i] >= 0], labels[i][real][valid])
+            assert torch.equal(ours[i][kept[i] >= 0], theirs.as_subclass(torch.Tensor))
+            assert not ours[i][kept[i] < 0].any()  # dropped boxes are padding: zero boxes
+    assert kept.tolist()[0][:2] == [0, -1] and kept.tolist()[1][:3] == [1, -1, -1]
+
+
+def test_random_apply_picks_the_transformed_or_the_original_image_by_image():
+    batch = _batch(12)
+    rotate = partial(augment.random_rotation, degrees=30.0)
+    out = augment.random_apply(rotate, p=0.5)(batch, KEY)
+    chosen = augment.draw_flip(prng.fold_in(KEY, 0), N, 0.5)
+    assert 0 < int(chosen.sum()) < N  # both branches are exercised
+    rotated = rotate(batch, prng.fold_in(KEY, 1))
+    for i in range(N):
+        want = rotated if chosen[i] else batch
+        for got, expected in zip(out, want, strict=True):
+            assert torch.equal(got[i], expected[i])
+    for p, want in ((0.0, batch), (1.0, rotated)):
+        got = augment.random_apply(rotate, p=p)(batch, KEY)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

@@ -89,13 +89,14 @@ def test_split_is_scaled_and_standardised(tmp_path):
 
 
 def test_augmentation_is_a_crop_and_flip_of_each_image():
-    x = torch.randn(6, 3, 8, 8)
+    x, y = torch.randn(6, 3, 8, 8), torch.arange(6)
     key = prng.key(3)
     before = x.clone()
-    out = augment_cifar(x, key, padding=2)
+    out, labels = augment_cifar(x, y, key, padding=2)
     assert torch.equal(x, before)  # pure: the batch given is untouched
-    assert torch.equal(out, augment_cifar(x, key, padding=2))
-    assert not torch.equal(out, augment_cifar(x, prng.fold_in(key, 1), padding=2))
+    assert torch.equal(labels, torch.arange(6))  # a crop or flip changes no class
+    assert torch.equal(out, augment_cifar(x, y, key, padding=2)[0])
+    assert not torch.equal(out, augment_cifar(x, y, prng.fold_in(key, 1), padding=2)[0])
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for i in range(6):
         candidates = [

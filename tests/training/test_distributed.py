@@ -3,9 +3,6 @@ equal 1 process on the whole batch; a dying rank makes the other fail fast and c
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -13,7 +10,7 @@ from torch import nn
 import functorch_diary as fd
 from functorch_diary import checkpoint, data, models, optim
 from functorch_diary.training import distributed
-from tests.helpers import assert_survivor_reports_the_dead_rank, rank_env, start_ranks
+from tests.helpers import assert_survivors_name_the_dead_rank, start_ranks, torchrun
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without torch.distributed"
@@ -22,13 +19,8 @@ pytestmark = pytest.mark.skipif(
 
 def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_path):
     out = tmp_path / "dp.ckpt"
-    # The launcher, as a user runs it: torchrun starts 2 ranks of the module.
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "functorch_diary.cli.distributed", "--steps", "10", "--batch-size", "32",
-         "--optimizer", "adam", "--lr", "0.01", "--dtype", "float64", "--out", str(out)],
-        check=True, env=rank_env(), cwd=tmp_path, timeout=300, capture_output=True,
-    )  # fmt: skip
+    torchrun(["--steps", "10", "--batch-size", "32", "--optimizer", "adam", "--lr", "0.01",
+              "--dtype", "float64", "--out", str(out)], cwd=tmp_path)  # fmt: skip
     model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
     opt = optim.adam(0.01)
     ts = fd.init_train_state(model, opt, seed=0, dtype=torch.float64)
@@ -68,8 +60,8 @@ def test_a_dying_rank_makes_the_other_fail_clearly_and_quickly(tmp_path):
     script.write_text(_WORKER)
     timeout_s = 20
     procs = start_ranks(script, 2, [str(timeout_s)], cwd=tmp_path)
-    waited = assert_survivor_reports_the_dead_rank(
-        procs, timeout_s, "rank 0 of 2: all-reduce of the gradients failed"
+    waited = assert_survivors_name_the_dead_rank(
+        procs, timeout_s, "rank {rank} of 2: all-reduce of the gradients failed: rank 1 died"
     )
     print(f"rank 0 failed {waited:.1f}s after rank 1 died")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from functorch_diary import Model, models, optim
+from functorch_diary import Model, models, optim, prng
 from functorch_diary.data import Split
 from functorch_diary.training.callbacks import Checkpoint, EarlyStopping
 from functorch_diary.training.checkpointing import best_checkpoint, list_checkpoints
@@ -62,12 +62,20 @@ class StopAfter:
         return Decision(True, "interrupted") if metrics["epoch"] == self.epoch else None
 
 
+def _noise_and_relabel(x, y, key):
+    """An augmentation that changes inputs and targets by its key."""
+    relabel = prng.uniform(prng.fold_in(key, 1), y.shape) < 0.2
+    return x + 0.1 * prng.normal(key, x.shape), torch.where(relabel, (y + 1) % 10, y)
+
+
 def test_stopped_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(split):
-    whole = _run(split, epochs=3)
+    # Augmented too: the resumed run must draw each batch's augmentation as the whole did.
+    whole = _run(split, epochs=3, augment=_noise_and_relabel)
     stop = StopAfter(1)
-    first = _run(split, epochs=3, callbacks=[stop])
+    first = _run(split, epochs=3, callbacks=[stop], augment=_noise_and_relabel)
     assert first.stopped == "interrupted" and len(first.history) == 1
-    resumed = _run(split, epochs=3, train_state=first.train_state, history=first.history)
+    resumed = _run(split, epochs=3, train_state=first.train_state, history=first.history,
+                   augment=_noise_and_relabel)  # fmt: skip
     for name, value in whole.train_state.params.items():
         assert torch.equal(resumed.train_state.params[name], value), name
     for got, want in zip(tree_leaves(resumed.train_state), tree_leaves(whole.train_state),
@@ -76,6 +84,14 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(split)
     assert _untimed(resumed.history) == _untimed(whole.history)
     # The callback got the state after epoch 1, which the resumed run did not change.
     assert int(stop.seen[0][0].step) == 4 and stop.seen[0][2][-1] == stop.seen[0][1]
+
+
+def test_the_step_trains_on_the_targets_augment_returns(split):
+    # Every augmented label is 0, so the model learns to answer 0, whatever the true label.
+    zeros = split._replace(y_test=torch.zeros_like(split.y_test))
+    relabelled = _run(zeros, epochs=8, augment=lambda x, y, key: (x, torch.zeros_like(y)))
+    assert relabelled.test["accuracy"] == 1.0
+    assert _run(zeros, epochs=8).test["accuracy"] < 0.5
 
 
 def test_resume_off_an_epoch_boundary_is_refused(split):

@@ -4,8 +4,6 @@ params and optimiser state take the single-process step on the whole batch."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,10 +15,10 @@ from functorch_diary import checkpoint, data, models, optim
 from functorch_diary.training import sharded
 from tests.helpers import (
     SmallBNNet,
-    assert_survivor_reports_the_dead_rank,
-    rank_env,
+    assert_survivors_name_the_dead_rank,
     run_ranks,
     start_ranks,
+    torchrun,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -42,6 +40,17 @@ from tests.helpers import assert_close_to_scale, sharded_case, sharded_tolerance
 
 world = distributed.init_from_env("gloo", timeout_s=60)
 mesh = sharded.make_mesh()
+
+# The memory share alone (no step): ResNet-18's params and AdamW state on this mesh.
+from functorch_diary import models, optim
+whole = init_train_state(models.resnet18(num_classes=10), optim.adamw(1e-3), seed=0)
+ts = sharded.shard_train_state(whole, mesh)
+print(json.dumps({
+    "case": "resnet18-share", "rank": world.rank,
+    "params_share": sharded.local_bytes(ts.params) / sharded.local_bytes(whole.params),
+    "opt_share": sharded.local_bytes(ts.opt_state) / sharded.local_bytes(whole.opt_state),
+}), flush=True)
+
 for name in sys.argv[1:]:
     start = time.perf_counter()
     model, opt, dtype, batches = sharded_case(name)
@@ -116,6 +125,89 @@ for name, sync, ref_step in [
     except AssertionError as error:
         report["error"] = str(error)
     print(json.dumps(report), flush=True)
+
+# make_train_step's contract, global-norm clipping and the stages that need whole leaves,
+# on the MLP (net.1.weight is split, the rest replicated), 3 steps of a dict batch.
+from functorch_diary import models, optim
+from functorch_diary.optim import shards
+from torch.distributed.tensor import Replicate
+model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
+gen = torch.Generator().manual_seed(2)
+batches = [{"x": torch.randn(8, 64, generator=gen, dtype=torch.float64),
+            "y": torch.randint(0, 10, (8,), generator=gen)} for _ in range(3)]
+
+def regularised(params, outputs, batch):  # sees the params (whole) and the batch
+    fit = nn.functional.cross_entropy(outputs, batch["y"])
+    l2 = sum(p.square().sum() for p in params.values())
+    right = (outputs.argmax(1) == batch["y"]).to(outputs.dtype).mean()
+    return fit + 1e-3 * l2, {"fit": fit, "accuracy": right}
+
+contract = dict(loss_sees="params, outputs, batch", has_aux=True,
+                model_inputs=lambda batch: batch["x"], donate=True)
+weights_muon = optim.multi_transform(
+    {"m": optim.muon(0.02, weight_decay=0.1), "a": optim.adamw(1e-2, eps=1e-4)},
+    {"m": "*.weight", "a": "*.bias"})
+cases = {  # name: (optimiser, user placements, the step's options)
+    "contract": (optim.adamw(1e-2, weight_decay=0.1, eps=1e-4), None, contract),
+    "clip-global-norm": (optim.apply_if_finite(optim.chain(
+        optim.clip_by_global_norm(0.05), optim.sgd(0.1, momentum=0.9))), None, {}),
+    "muon-replicated": (weights_muon, {"net.1.weight": Replicate()}, {}),
+}
+for name, (opt, placements, options) in cases.items():
+    loss_fn = regularised if options else (
+        lambda out, y: nn.functional.cross_entropy(out, y))
+    pairs = [(b, b) if options else ((b["x"], b["y"]),) * 2 for b in batches]
+    whole = init_train_state(model, opt, seed=0, dtype=torch.float64)
+    ts = sharded.shard_train_state(whole, mesh, placements)
+    step = sharded.make_sharded_train_step(model, loss_fn, opt, **options)
+    ref_step = make_train_step(model, loss_fn, opt, **options)
+    ref, metrics, ref_metrics = whole, [], []
+    for batch, _ in pairs:
+        ts, m = step(ts, distributed.shard(batch, world.rank, world.world_size))
+        ref, r = ref_step(ref, batch)
+        metrics.append(m)
+        ref_metrics.append(r)
+    report = {"case": name, "rank": world.rank, "metrics": sorted(metrics[0]),
+              "placements": {k: str(v.placements[0]) for k, v in ts.params.items()}}
+    if name == "clip-global-norm":  # the clipping did act: unclipped SGD goes elsewhere
+        plain = optim.sgd(0.1, momentum=0.9)
+        free = make_train_step(model, loss_fn, plain)(
+            init_train_state(model, plain, seed=0, dtype=torch.float64), pairs[0][0])[0]
+        first = make_train_step(model, loss_fn, opt)(whole, pairs[0][0])[0]
+        report["clip_changed_step_by"] = float(
+            (free.params["net.1.weight"] - first.params["net.1.weight"]).abs().max())
+    try:
+        assert_close_to_scale(sharded.gather_train_state(ts)[:3], ref[:3], 1e-12)
+        assert_close_to_scale(metrics, ref_metrics, 1e-12)
+        report["error"] = None
+    except AssertionError as error:
+        report["error"] = str(error)
+    print(json.dumps(report), flush=True)
+
+# Stages that need a whole leaf refuse a split one, naming it; one that reduces over the
+# leaves sees every rank (a flag false on rank 0 only is false everywhere).
+refusals = {
+    "muon": weights_muon,
+    "adafactor": optim.adafactor(lr=0.01),
+    "dp_aggregate": optim.chain(optim.dp_aggregate(1.0, 0.0, key=0), optim.sgd(0.1)),
+}
+report = {"case": "refusals", "rank": world.rank}
+batch = distributed.shard((batches[0]["x"], batches[0]["y"]), world.rank, world.world_size)
+for name, opt in refusals.items():
+    ts = sharded.shard_train_state(init_train_state(model, opt, dtype=torch.float64), mesh)
+    try:
+        sharded.make_sharded_train_step(model, nn.functional.cross_entropy, opt)(ts, batch)
+        report[name] = None
+    except ValueError as error:
+        report[name] = str(error)
+def total(t):
+    t = t.clone()
+    torch.distributed.all_reduce(t)
+    return t
+
+with shards.local_shards({}, total):
+    report["all_ranks"] = bool(shards.all_ranks(torch.tensor(world.rank != 0)))
+print(json.dumps(report), flush=True)
 torch.distributed.destroy_process_group()
 """
 
@@ -138,11 +230,25 @@ def _reports(stdout: list[str]) -> dict[tuple[str, int], dict]:
     return {(r["case"], r["rank"]): r for r in lines}
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+# On 4 ranks (slower: 4 processes on 2 cores), the cases without ResNet-18.
+FOUR_RANK_CASES = ["mlp-sgdm-float64", "mlp-adamw-float64", "lenet-sgdm-float64",
+                   "lenet-adamw-float64"]  # fmt: skip
+
+
+def _launch(tmp_path_factory, ranks: int, cases: list[str]) -> dict[tuple[str, int], dict]:
     script = tmp_path_factory.mktemp("sharded") / "worker.py"
     script.write_text(_WORKER)
-    return _reports(run_ranks(script, 2, CASES, timeout=600))
+    return _reports(run_ranks(script, ranks, cases, timeout=600))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return _launch(tmp_path_factory, 2, CASES)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    return _launch(tmp_path_factory, 4, FOUR_RANK_CASES)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -162,6 +268,25 @@ def test_each_rank_holds_about_half_of_params_and_optimizer_state(two_ranks, nam
         bound = 0.6 if name.startswith("mlp") else 0.51
         assert 0.45 < report["params_share"] < bound, report
         assert 0.45 < report["opt_share"] < bound, report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FOUR_RANK_CASES)
+def test_four_ranks_equal_one_process_on_the_whole_batch(four_ranks, name):
+    report = four_ranks[name, 0]
+    print(f"{name}: {report['seconds']} s on rank 0, worst {report['worst_of_scale']:.2g}")
+    assert report["error"] is None, report["error"]
+
+
+@pytest.mark.slow
+def test_each_of_four_ranks_holds_a_quarter_and_batch_norm_policies_hold(four_ranks):
+    for rank in range(4):
+        share = four_ranks["resnet18-share", rank]
+        # ResNet-18's replicated leaves (BatchNorm affine params, biases) are 0.07% of it.
+        assert 0.249 < share["params_share"] < 0.252, share
+        assert 0.249 < share["opt_share"] < 0.252, share
+        for name in ("bn-synchronised", "bn-per-shard"):
+            assert four_ranks[name, rank]["error"] is None, four_ranks[name, rank]["error"]
 
 
 def test_placement_rule_and_user_placements():
@@ -205,7 +330,7 @@ calls = []
 
 def loss_fn(outputs, targets):
     calls.append(1)
-    if world.rank == 1 and len(calls) == 3:
+    if world.rank == int(sys.argv[2]) and len(calls) == 3:
         os._exit(7)  # dies mid-step: after the all-gathers, before the reduce-scatters
     return nn.functional.cross_entropy(outputs, targets)
 
@@ -220,22 +345,32 @@ def test_a_rank_dying_mid_step_makes_the_other_fail_clearly_and_quickly(tmp_path
     script = tmp_path / "worker.py"
     script.write_text(_DYING_WORKER)
     timeout_s = 20
-    procs = start_ranks(script, 2, [str(timeout_s)])
-    waited = assert_survivor_reports_the_dead_rank(
-        procs, timeout_s, "rank 0 of 2: sharded step failed in a collective"
+    procs = start_ranks(script, 2, [str(timeout_s), "1"])
+    waited = assert_survivors_name_the_dead_rank(
+        procs, timeout_s, "rank {rank} of 2: a collective of the sharded step failed: rank 1 died"
     )
     print(f"rank 0 failed {waited:.1f}s after rank 1 died")
 
 
+@pytest.mark.slow
+def test_a_rank_dying_among_four_is_named_by_every_survivor(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_DYING_WORKER)
+    # The ranks that notice first take ~2 s to name rank 3, then seconds to exit (a
+    # sharded step's pending collectives); a rank blocked on one of them fails only then,
+    # and names rank 3 from what it watched since the alarm: ~12 s in all under load.
+    timeout_s = 60
+    procs = start_ranks(script, 4, [str(timeout_s), "3"])
+    waited = assert_survivors_name_the_dead_rank(
+        procs, timeout_s, "rank {rank} of 4: a collective of the sharded step failed", dead=3
+    )
+    print(f"the last survivor failed {waited:.1f}s after rank 3 died")
+
+
 def test_torchrun_shard_trains_sharded_and_equals_one_process(tmp_path):
     out = tmp_path / "sharded.ckpt"
-    # The launcher, as a user runs it: torchrun starts 2 ranks of the module.
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "functorch_diary.cli.distributed", "--shard", "--steps", "4", "--batch-size", "16",
-         "--optimizer", "adam", "--lr", "0.01", "--dtype", "float64", "--out", str(out)],
-        check=True, env=rank_env(), cwd=tmp_path, timeout=300, capture_output=True,
-    )  # fmt: skip
+    torchrun(["--shard", "--steps", "4", "--batch-size", "16", "--optimizer", "adam", "--lr",
+              "0.01", "--dtype", "float64", "--out", str(out)], cwd=tmp_path)  # fmt: skip
     model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
     opt = optim.adam(0.01)
     ts = fd.init_train_state(model, opt, seed=0, dtype=torch.float64)
@@ -294,6 +429,38 @@ def test_empty_train_state_is_placed_like_a_sharded_one(one_rank_group):
     assert describe(empty) == describe(full)
 
 
+@pytest.mark.parametrize("name", ["contract", "clip-global-norm", "muon-replicated"])
+def test_the_train_step_s_contract_clipping_and_muon_equal_one_process(two_ranks, name):
+    """A loss that sees the params, a dict batch and auxiliary metrics (donating the
+    state, as make_train_step(donate=True) does); global-norm
+    clipping over both ranks' shards; muon on a weight the user keeps whole."""
+    for rank in (0, 1):
+        report = two_ranks[name, rank]
+        assert report["placements"]["net.1.weight"] == (
+            "R" if name == "muon-replicated" else "S(0)"
+        )
+        assert report["error"] is None, report["error"]
+    if name == "contract":
+        assert two_ranks[name, 0]["metrics"] == ["accuracy", "fit", "loss"]
+    if name == "clip-global-norm":
+        assert two_ranks[name, 0]["clip_changed_step_by"] > 1e-3
+
+
+def test_stages_that_need_a_whole_leaf_refuse_a_split_one(two_ranks):
+    for rank in (0, 1):
+        report = two_ranks["refusals", rank]
+        for name, needs in [
+            ("muon", "orthogonalises each whole 2-D matrix"),
+            ("adafactor", "reads each whole leaf"),
+        ]:
+            assert report[name] is not None, f"{name} ran on a split leaf"
+            assert report[name].startswith(f"{name} {needs}"), report[name]
+            assert "param 'net.1.weight' is split across ranks (S(0))" in report[name]
+            assert "placements={'net.1.weight': Replicate()}" in report[name]
+        assert "make_dp_train_step" in report["dp_aggregate"]
+        assert report["all_ranks"] is False  # rank 0's False reaches rank 1
+
+
 @pytest.mark.parametrize("name", ["bn-synchronised", "bn-per-shard"])
 def test_batch_norm_policies_and_a_dim_1_placement(two_ranks, name):
     for rank in (0, 1):
@@ -302,3 +469,17 @@ def test_batch_norm_policies_and_a_dim_1_placement(two_ranks, name):
         assert report["placements"]["features.1.weight"] == "S(0)"
         # synchronised: the single process on the whole batch; per shard: data parallel
         assert report["error"] is None, report["error"]
+
+
+def test_a_donating_sharded_step_refuses_a_state_it_consumed(one_rank_group):
+    model, opt = fd.Model(SmallBNNet), optim.adamw(1e-2)
+    whole = fd.init_train_state(model, opt, seed=0, dtype=torch.float64)
+    ts = sharded.shard_train_state(whole, one_rank_group, min_numel=1)
+    step = sharded.make_sharded_train_step(model, nn.functional.cross_entropy, opt, donate=True)
+    ref_step = fd.make_train_step(model, nn.functional.cross_entropy, opt)
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64), torch.arange(6) % 10)
+    new, _ = step(ts, batch)
+    fd.assert_trees_close(sharded.gather_train_state(new), ref_step(whole, batch)[0])
+    with pytest.raises(ValueError, match="donated to an earlier step"):
+        step(ts, batch)

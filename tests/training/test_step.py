@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from functorch_diary import Model, init_train_state, make_train_step, models, optim
 from functorch_diary.testing import assert_trees_close
+from functorch_diary.training.step import apply_step, build_step
 from tests.helpers import SmallBNNet
 
 STEPS = 20
@@ -121,8 +122,15 @@ def test_a_loss_that_sees_the_params_and_a_dict_batch_matches_its_imperative_twi
 
     opt = optim.adam(1e-2)
     ts = init_train_state(model, opt, params=params, state=state)
-    step = make_train_step(model, loss, opt, compile=False, loss_sees="params, outputs, batch",
-                           has_aux=True, model_inputs=lambda batch: batch["image"])
+    step = make_train_step(
+        model,
+        loss,
+        opt,
+        compile=False,
+        loss_sees="params, outputs, batch",
+        has_aux=True,
+        model_inputs=lambda batch: batch["image"],
+    )
     torch_opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     for i in range(5):
         batch = {"image": torch.randn(8, 5, dtype=torch.float64), "label": torch.arange(8) % 2}
@@ -137,5 +145,35 @@ def test_a_loss_that_sees_the_params_and_a_dict_batch_matches_its_imperative_twi
 
 def test_an_unknown_loss_form_is_refused():
     with pytest.raises(ValueError, match="loss_sees must be one of"):
-        make_train_step(Model(lambda: nn.Linear(1, 1)), F.mse_loss, optim.sgd(0.1),
-                        loss_sees="outputs")
+        make_train_step(
+            Model(lambda: nn.Linear(1, 1)), F.mse_loss, optim.sgd(0.1), loss_sees="outputs"
+        )
+
+
+def test_build_step_hooks_wrap_the_differentiated_function_and_the_update():
+    """The hooks the sharded step is made of, in one process: a wrapped objective whose
+    loss is halved gives SGD half the gradient (lr 0.1 on g/2 is lr 0.05 on g, bit for
+    bit), and ``apply`` receives the gradients and makes the next state."""
+    model, gen = Model(lambda: nn.Linear(3, 1)), torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 3, generator=gen), torch.randn(8, 1, generator=gen))
+    ts = init_train_state(model, optim.sgd(0.1), seed=0)
+
+    def halve(objective):
+        def halved(params, state, inputs, targets, key):
+            loss, aux = objective(params, state, inputs, targets, key)
+            return loss / 2, aux
+
+        return halved
+
+    seen = []
+
+    def apply(ts, grads, new_state, optimizer, donate):
+        seen.append(sorted(grads))
+        return apply_step(ts, grads, new_state, optimizer, donate)
+
+    step = build_step(model, F.mse_loss, optim.sgd(0.1), wrap_objective=halve, apply=apply)
+    new, metrics = step(ts, batch)
+    ref, ref_metrics = build_step(model, F.mse_loss, optim.sgd(0.05))(ts, batch)
+    assert seen == [["bias", "weight"]]
+    assert_trees_close(new, ref, rtol=0, atol=0)
+    assert_trees_close(metrics["loss"], ref_metrics["loss"] / 2, rtol=0, atol=0)

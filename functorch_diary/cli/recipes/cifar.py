@@ -48,26 +48,31 @@ def load_cifar_data(data_dir: Path | None) -> Split:
     return cifar10_split(data_dir)
 
 
-def augment_cifar(images: Tensor, key: Tensor, padding: int = 4) -> Tensor:
+def augment_cifar(
+    images: Tensor, labels: Tensor, key: Tensor, padding: int = 4
+) -> tuple[Tensor, Tensor]:
     """Random crop of the zero-padded image and random horizontal flip, per image.
 
     A pure function of ``(images, key)``: the same key gives the same crops and flips,
-    with no global random state (so it runs under ``torch.compile`` and ``vmap``).
+    with no global random state (so it runs under ``torch.compile`` and ``vmap``). The
+    labels pass through: neither transform changes a class.
 
     Args:
         images: (N, C, H, W).
+        labels: (N,) classes, returned as they are.
         key: a :func:`~functorch_diary.prng.key`.
         padding: the largest shift in pixels.
 
     Returns:
-        A new (N, C, H, W) tensor.
+        A new (N, C, H, W) tensor, and ``labels``.
 
     Example:
         >>> import torch
         >>> from functorch_diary import prng
-        >>> x = torch.randn(4, 3, 8, 8)
-        >>> torch.equal(augment_cifar(x, prng.key(0)), augment_cifar(x, prng.key(0)))
-        True
+        >>> x, y = torch.randn(4, 3, 8, 8), torch.arange(4)
+        >>> a, b = augment_cifar(x, y, prng.key(0)), augment_cifar(x, y, prng.key(0))
+        >>> torch.equal(a[0], b[0]), a[1] is y
+        (True, True)
     """
     n, c, h, w = images.shape
     draws = prng.uniform(key, (3, n), dtype=torch.float64)
@@ -81,7 +86,7 @@ def augment_cifar(images: Tensor, key: Tensor, padding: int = 4) -> Tensor:
     # Mirror the column indices instead of the pixels: one gather does crop and flip.
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * padding))
-    return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+    return out.gather(3, cols[:, None, None, :].expand(n, c, h, w)), labels
 
 
 def _sgd_multistep(weight_decay: float, lr: float, total_steps: int) -> GradientTransformation:

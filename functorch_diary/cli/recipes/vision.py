@@ -4,14 +4,11 @@ They train on the synthetic sets of :mod:`functorch_diary.data.synthetic` (shape
 textured backgrounds, generated from the seed, nothing to download); ``unet`` and the
 ``deeplab`` recipes read ``--data-dir/train`` and ``--data-dir/test`` image + mask
 folders instead when given. Augmentation is :mod:`functorch_diary.data.augment`'s, pure
-and keyed:
-
-- geometric transforms move the pixels together with the masks or boxes. The ``train``
-  loop augments images only (``Recipe.augment`` sees no targets), so these are drawn
-  once when the data is built: the training split is the generated images followed by
-  one augmented copy of each, drawn from a fixed key (the data does not depend on
-  ``--seed``, as the generated images do not);
-- photometric ones (colour jitter) change no target, and run on every batch.
+and keyed, drawn afresh for every training batch from the step's key
+(``Recipe.augment(images, targets, key)``): geometric transforms move the masks or boxes
+with the pixels (boxes pushed out of the image are dropped, as torchvision's
+``SanitizeBoundingBoxes`` does, and become padding slots), then colour jitter changes
+the pixels only.
 
 Sizes are chosen to reach a result in minutes on one CPU core:
 
@@ -28,14 +25,14 @@ Sizes are chosen to reach a result in minutes on one CPU core:
   (A 4x4 grid at widths / 16 stayed at mAP 0.04 after 3 epochs: the fully connected
   head must learn every cell's mapping separately, 4 times as many as with 2x2.)
 
-:func:`draw_predictions` makes the prediction pictures (masks overlaid with
-``draw_segmentation_masks``, boxes with ``draw_bounding_boxes``).
+:func:`draw_segmentation` and :func:`draw_detection` make the prediction pictures
+(masks overlaid with ``draw_segmentation_masks``, boxes with ``draw_bounding_boxes``)
+that ``train --out`` writes as ``predictions.png``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -44,7 +41,6 @@ from torch import Tensor
 from torchvision.models.resnet import BasicBlock
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
-from ... import prng
 from ...data import augment, batches
 from ...data.folders import load_segmentation_folder
 from ...data.split import Split
@@ -65,7 +61,9 @@ __all__ = [
     "augment_segmentation",
     "confusion_matrix",
     "detection_metrics",
+    "draw_detection",
     "draw_predictions",
+    "draw_segmentation",
     "load_detection_data",
     "load_segmentation_data",
     "mean_iou",
@@ -79,54 +77,77 @@ SEG_SIZE, DET_SIZE = 32, 64
 _YOLO = {"num_classes": len(SHAPES), "boxes": 2, "image_size": DET_SIZE}
 _YOLO_STRIDE = 32  # a 2x2 grid on 64x64 images: one cell per quadrant of the layout
 _YOLO_GRID = DET_SIZE // _YOLO_STRIDE
-_DATA_KEY = 20_251_201  # the key of the drawn-once geometric augmentation
 
 
 # ---------------------------------------------------------------------------- data
 
-_SEGMENTATION_GEOMETRY = augment.compose(
-    partial(augment.random_resized_crop, scale=(0.5, 1.0)),
+_JITTER = partial(augment.random_color_jitter, brightness=0.3, contrast=0.3, saturation=0.3)
+# The test images are neither zoomed nor rotated: half the training images stay so.
+_SEGMENTATION_AUGMENT = augment.compose(
+    augment.random_apply(
+        augment.compose(
+            partial(augment.random_resized_crop, scale=(0.5, 1.0)),
+            partial(augment.random_rotation, degrees=20.0),
+        )
+    ),
     augment.random_horizontal_flip,
     augment.random_vertical_flip,
-    partial(augment.random_rotation, degrees=20.0),
+    _JITTER,
 )
 # Rotations would loosen the boxes and big crops cut objects: shifts and flips.
-_DETECTION_GEOMETRY = augment.compose(
+_DETECTION_AUGMENT = augment.compose(
     partial(augment.random_pad_crop, padding=6),
     augment.random_horizontal_flip,
     augment.random_vertical_flip,
+    _JITTER,
 )
 
 
 def augment_segmentation(images: Tensor, masks: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-    """Resized crop (50-100% of the area), flips and rotation (+-20 degrees), the masks
-    moved with the pixels; a pure function of its arguments."""
-    out = _SEGMENTATION_GEOMETRY(augment.VisionBatch(images, masks), key)
+    """A training batch's augmentation: on half the images a resized crop (50-100% of
+    the area) and a rotation (+-20 degrees), then flips, the masks moved with the pixels,
+    then colour jitter (brightness, contrast, saturation +-30%); a pure function of its
+    arguments.
+
+    Example:
+        >>> from functorch_diary import prng
+        >>> images, masks = segmentation_set(4, 32, seed=0)
+        >>> out = augment_segmentation(images, masks, prng.key(0))
+        >>> torch.equal(out[1], augment_segmentation(images, masks, prng.key(0))[1])
+        True
+    """
+    out = _SEGMENTATION_AUGMENT(augment.VisionBatch(images, masks), key)
     return out.images, out.masks
 
 
 def augment_detection(images: Tensor, targets: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-    """6-pixel shifts and flips; the packed boxes (``(N, M, 5)``) moved and clamped with the
-    pixels, labels kept."""
-    out = _DETECTION_GEOMETRY(augment.VisionBatch(images, boxes=targets[..., :4]), key)
-    return out.images, torch.cat([out.boxes, targets[..., 4:]], dim=-1)
+    """A training batch's augmentation: 6-pixel shifts and flips, the packed ``(N, M, 5)``
+    boxes moved and clamped with the pixels (a box left with a side under a pixel is
+    dropped to a padding slot, :func:`~functorch_diary.data.augment.sanitize_boxes`),
+    then colour jitter (+-30%).
+
+    Example:
+        >>> from functorch_diary import prng
+        >>> data = detection_set(4, 64, seed=0)
+        >>> images, targets = augment_detection(data.images, _pack(data.boxes, data.labels),
+        ...                                     prng.key(0))
+        >>> images.shape, targets.shape
+        (torch.Size([4, 3, 64, 64]), torch.Size([4, 3, 5]))
+    """
+    out = _DETECTION_AUGMENT(augment.VisionBatch(images, boxes=targets[..., :4]), key)
+    boxes, labels = augment.sanitize_boxes(out.boxes, targets[..., 4].long(), images.shape[-2:])
+    return out.images, _pack(boxes, labels)
 
 
-def _with_augmented_copy(x: Tensor, y: Tensor, augment_fn: Callable) -> tuple[Tensor, Tensor]:
-    ax, ay = augment_fn(x, y, prng.key(_DATA_KEY))
-    return torch.cat([x, ax]), torch.cat([y, ay])
-
-
-def load_segmentation_data(data_dir: Path | None, n_train: int = 2000, n_test: int = 500) -> Split:
+def load_segmentation_data(data_dir: Path | None, n_train: int = 4000, n_test: int = 500) -> Split:
     """The synthetic segmentation set (train seed 0, test seed 1), or ``data_dir/train``
-    and ``data_dir/test`` folders of images + masks (:mod:`~functorch_diary.data.folders`);
-    the training images are followed by one augmented copy of each."""
+    and ``data_dir/test`` folders of images + masks (:mod:`~functorch_diary.data.folders`)."""
     if data_dir is not None:
         train, test = (load_segmentation_folder(data_dir / part) for part in ("train", "test"))
     else:
         train = segmentation_set(n_train, SEG_SIZE, seed=0)
         test = segmentation_set(n_test, SEG_SIZE, seed=1)
-    return Split(*_with_augmented_copy(*train, augment_segmentation), *test)
+    return Split(*train, *test)
 
 
 def _pack(boxes: Tensor, labels: Tensor) -> Tensor:
@@ -134,9 +155,9 @@ def _pack(boxes: Tensor, labels: Tensor) -> Tensor:
     return torch.cat([boxes, labels[..., None].to(boxes.dtype)], dim=-1)
 
 
-def load_detection_data(data_dir: Path | None, n_train: int = 2000, n_test: int = 500) -> Split:
-    """The synthetic detection set, training images followed by an augmented copy of each;
-    targets are ``(N, M, 5)``: an XYXY box and its label (-1 for padding)."""
+def load_detection_data(data_dir: Path | None, n_train: int = 4000, n_test: int = 500) -> Split:
+    """The synthetic detection set (train seed 0, test seed 1); targets are ``(N, M, 5)``:
+    an XYXY box and its label (-1 for padding)."""
     if data_dir is not None:
         raise FileNotFoundError(
             "the yolo recipe trains on its synthetic detection set only: drop --data-dir "
@@ -144,14 +165,8 @@ def load_detection_data(data_dir: Path | None, n_train: int = 2000, n_test: int 
         )
     train = detection_set(n_train, DET_SIZE, seed=0)
     test = detection_set(n_test, DET_SIZE, seed=1)
-    x, y = _with_augmented_copy(train.images, _pack(train.boxes, train.labels), augment_detection)
-    return Split(x, y, test.images, _pack(test.boxes, test.labels))
-
-
-def photometric(images: Tensor, key: Tensor) -> Tensor:
-    """Per-batch colour jitter (brightness, contrast, saturation +-30%): no target moves."""
-    jitter = partial(augment.random_color_jitter, brightness=0.3, contrast=0.3, saturation=0.3)
-    return jitter(augment.VisionBatch(images), key).images
+    return Split(train.images, _pack(train.boxes, train.labels), test.images,
+                 _pack(test.boxes, test.labels))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- models
@@ -260,43 +275,86 @@ def detection_metrics(eval_step: EvalStep, ts: TrainState, x: Tensor, y: Tensor)
 # ---------------------------------------------------------------------------- pictures
 
 _COLOURS = ["#e6194b", "#3cb44b", "#4363d8"]  # disc, square, triangle
+# Tiles are enlarged (nearest) to about this side before drawing, so masks, 1-pixel box
+# outlines and the labels' text stay legible on 32x32 and 64x64 images.
+_TILE = 128
 
 
 def _as_uint8(images: Tensor) -> Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _overlay(image: Tensor, mask: Tensor) -> Tensor:
+def _enlarge(t: Tensor, scale: int) -> Tensor:
+    return t.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+
+
+def _overlay(image: Tensor, mask: Tensor, scale: int) -> Tensor:
+    mask = _enlarge(mask, scale)
     classes = torch.stack([mask == k for k in range(1, len(SEGMENTATION_CLASSES))])
-    return draw_segmentation_masks(_as_uint8(image), classes, alpha=0.5, colors=_COLOURS)
+    picture = _as_uint8(_enlarge(image, scale))
+    return draw_segmentation_masks(picture, classes, alpha=0.5, colors=_COLOURS)
 
 
-def _boxes_picture(image: Tensor, found: detection.Detections, target: Tensor) -> Tensor:
-    picture = draw_bounding_boxes(
-        _as_uint8(image), target[target[:, 4] >= 0, :4], colors="white", width=1
-    )
-    labels = [f"{SHAPES[int(k)][0]} {float(p):.2f}" for k, p in zip(*found[2:0:-1], strict=True)]
-    colours = [_COLOURS[int(k)] for k in found.labels]
-    return draw_bounding_boxes(picture, found.boxes, labels, colors=colours, width=1)
+def _boxes_picture(
+    image: Tensor, found: detection.Detections, target: Tensor, scale: int
+) -> Tensor:
+    picture, truth = _as_uint8(_enlarge(image, scale)), target[target[:, 4] >= 0, :4] * scale
+    # draw_bounding_boxes warns on an empty set: an image with no object, or no detection.
+    if len(truth):
+        picture = draw_bounding_boxes(picture, truth, colors="white", width=1)
+    if len(found.boxes):
+        labels = [
+            f"{SHAPES[int(k)][0]} {float(p):.2f}" for k, p in zip(*found[2:0:-1], strict=True)
+        ]
+        colours = [_COLOURS[int(k)] for k in found.labels]
+        picture = draw_bounding_boxes(picture, found.boxes * scale, labels, colors=colours, width=1)
+    return picture
+
+
+def _predict(model: Model, ts: TrainState, images: Tensor) -> Tensor:
+    outputs, _ = model.apply(ts.params, ts.state, images, train=False)
+    return outputs.cpu()
+
+
+def _scale(images: Tensor) -> int:
+    return max(1, _TILE // max(images.shape[-2:]))
+
+
+def draw_segmentation(model: Model, ts: TrainState, images: Tensor, masks: Tensor) -> Tensor:
+    """A uint8 ``(3, H', W')`` grid: one row of ``images`` with the true masks overlaid,
+    one with the masks ``model`` predicts from ``ts``; each tile enlarged to about 128
+    pixels (a 32x32 image to 128x128), 2 pixels apart.
+
+    ``images`` are on the state's device; the picture is on the CPU.
+    """
+    predicted = _predict(model, ts, images).argmax(dim=1)
+    images, masks, scale = images.cpu(), masks.cpu(), _scale(images)
+    truth = [_overlay(i, m, scale) for i, m in zip(images, masks, strict=True)]
+    guessed = [_overlay(i, m, scale) for i, m in zip(images, predicted, strict=True)]
+    return make_grid(torch.stack(truth + guessed), nrow=len(images), padding=2)
+
+
+def draw_detection(model: Model, ts: TrainState, images: Tensor, targets: Tensor) -> Tensor:
+    """A uint8 ``(3, H', W')`` row of ``images``: true boxes in white, YOLO v1's predicted
+    boxes (score above 0.3, after NMS) in their class colour with class initial and
+    score; each tile enlarged to about 128 pixels, 2 pixels apart.
+
+    ``images`` are on the state's device; the picture is on the CPU.
+    """
+    found = _detections(_predict(model, ts, images), score_threshold=0.3)
+    scale = _scale(images)
+    tiles = [
+        _boxes_picture(image, dets, target, scale)
+        for image, dets, target in zip(images.cpu(), found, targets.cpu(), strict=True)
+    ]
+    return make_grid(torch.stack(tiles), nrow=len(images), padding=2)
 
 
 def draw_predictions(recipe: str, ts: TrainState, images: Tensor, targets: Tensor) -> Tensor:
-    """A uint8 ``(3, H, W)`` picture of a trained recipe's predictions on ``images``.
-
-    Segmentation: one row with the true masks overlaid, one with the predicted masks.
-    Detection: true boxes in white, predicted boxes (score above 0.3, after NMS) in
-    their class colour with class initial and score.
-    """
-    model = RECIPES[recipe].build_model()
-    outputs, _ = model.apply(ts.params, ts.state, images, train=False)
-    if recipe == "yolo":
-        found = _detections(outputs, score_threshold=0.3)
-        tiles = [_boxes_picture(*item) for item in zip(images, found, targets, strict=True)]
-    else:
-        truth = [_overlay(i, m) for i, m in zip(images, targets, strict=True)]
-        predicted = [_overlay(i, m) for i, m in zip(images, outputs.argmax(dim=1), strict=True)]
-        tiles = truth + predicted
-    return make_grid(torch.stack(tiles), nrow=len(images), padding=2)
+    """The picture ``train --out`` writes (``predictions.png``) for a trained ``recipe``
+    (``Recipe.draw``: :func:`draw_segmentation` or :func:`draw_detection`)."""
+    chosen = RECIPES[recipe]
+    return chosen.draw(chosen.build_model(), ts, images, targets)
 
 
 # ---------------------------------------------------------------------------- recipes
@@ -322,8 +380,9 @@ def _deeplab(num_groups: int | None, weight_std: bool) -> Model:
 _SEGMENTATION = {
     "load_data": load_segmentation_data,
     "make_optimizer": partial(_adamw_cosine, 1e-4),
-    "augment": photometric,
+    "augment": augment_segmentation,
     "evaluate": segmentation_metrics,
+    "draw": draw_segmentation,
     "monitor": "miou",
     "batch_size": 32,
 }
@@ -374,9 +433,10 @@ RECIPES = {
             epochs=25,
             batch_size=32,
             lr=2e-3,
-            augment=photometric,
+            augment=augment_detection,
             loss_fn=yolo_loss,
             evaluate=detection_metrics,
+            draw=draw_detection,
             monitor="map50",
         ),
     )
