@@ -69,7 +69,7 @@ from ..optim.accumulate import AccumulateState
 from ..optim.adam_family import AdamaxState, NAdamState, RAdamState
 from ..optim.base import EmptyState
 from ..optim.classic import AdadeltaState, ASGDState, RpropState
-from ..optim.factored import AdafactorState
+from ..optim.factored import AdafactorState, is_factored
 from ..optim.guard import FiniteGuardState
 from ..optim.inject import InjectHyperparamsState, set_hyperparams
 from ..optim.masking import MultiTransformState
@@ -114,6 +114,9 @@ class TorchStateMap:
             any step (Adagrad's ``sum``).
         count_means_started: ``count`` only says whether the buffers exist yet (SGD's
             momentum): on import it is at least 1 when they do, 0 when they do not.
+        holds: ``(field, param) -> bool``: whether torch keeps the ``field`` buffer for
+            that param, where the state holds a placeholder for the others (Adafactor's
+            empty tensors); by default every tensor in a buffer tree is torch's.
     """
 
     buffers: Mapping[str, str] = field(default_factory=dict)
@@ -123,6 +126,7 @@ class TorchStateMap:
     is_step_count: bool = False
     state_at_init: bool = False
     count_means_started: bool = False
+    holds: Callable[[str, Tensor], bool] | None = None
 
 
 class TorchWrapperMap(NamedTuple):
@@ -219,11 +223,14 @@ register_torch_state(
 register_torch_state(
     RpropState, TorchStateMap({"prev": "prev", "step_size": "step_size"}, torch_step=True)
 )
-# Matrices keep row_var and col_var, the other leaves variance (None in the other trees).
+# Matrices keep row_var and col_var, the other leaves variance (an empty placeholder in
+# the other trees).
 register_torch_state(
     AdafactorState,
     TorchStateMap(
-        {"row_var": "row_var", "col_var": "col_var", "variance": "variance"}, torch_step=True
+        {"row_var": "row_var", "col_var": "col_var", "variance": "variance"},
+        torch_step=True,
+        holds=lambda field_name, p: is_factored(p) == (field_name != "variance"),
     ),
 )
 # torch's Muon keeps no step: import takes step= (its count only feeds a schedule).
@@ -352,29 +359,35 @@ def _steps_taken(stages: Sequence[Any]) -> int:
     return max((int(c) for c in map(_count, stages) if c is not None), default=0)
 
 
-def _buffer_trees(stage: Any, path: str, names: list[str]) -> dict[str, Mapping[str, Any]]:
-    """``{field: tree}`` of the stage's per-parameter buffers that are present."""
-    out = {}
-    for field_name in _STATES[type(stage)].buffers:
+def _buffer_trees(stage: Any, path: str, params: Mapping[str, Tensor]) -> dict[str, dict[str, Any]]:
+    """``{field: {param name: buffer}}`` of the stage's per-parameter buffers that torch
+    keeps: the fields that are present, each without the params its map says it does
+    not hold (:attr:`TorchStateMap.holds`)."""
+    mapping, out = _STATES[type(stage)], {}
+    for field_name in mapping.buffers:
         tree = getattr(stage, field_name)
         if tree is None:
             continue
-        if not isinstance(tree, Mapping) or not set(tree) <= set(names):
+        if not isinstance(tree, Mapping) or not set(tree) <= set(params):
             raise CheckpointError(
                 f"{path}.{field_name}: expected a dict keyed by the params' names, got a "
                 f"{type(tree).__name__}; build the state with optimizer.init(params)"
             )
-        out[field_name] = tree
+        out[field_name] = {
+            n: leaf
+            for n, leaf in tree.items()
+            if mapping.holds is None or mapping.holds(field_name, params[n])
+        }
     return out
 
 
-def _members(stages: Sequence[Any], path: str, names: list[str]) -> list[str]:
+def _members(stages: Sequence[Any], path: str, params: Mapping[str, Tensor]) -> list[str]:
     """The params this group of stages covers: those with a buffer anywhere in it; all
     of them when no stage keeps per-parameter buffers."""
-    trees = [tree for s in stages for tree in _buffer_trees(s, path, names).values()]
+    trees = [tree for s in stages for tree in _buffer_trees(s, path, params).values()]
     if not trees:
-        return list(names)
-    return [n for n in names if any(tree.get(n) is not None for tree in trees)]
+        return list(params)
+    return [n for n in params if any(tree.get(n) is not None for tree in trees)]
 
 
 def export_optimizer_state(
@@ -450,9 +463,9 @@ def export_optimizer_state(
     def export_group(stages: list[Any], path: str) -> tuple[list[Any], list[str]]:
         maps = [_STATES[type(s)] for s in stages]
         step = _steps_taken(stages)
-        members = _members(stages, path, names)
+        members = _members(stages, path, params)
         why = ""
-        if not any(_buffer_trees(s, path, names) for s in stages):
+        if not any(_buffer_trees(s, path, params) for s in stages):
             why = (
                 "this group keeps no per-parameter tensors, so nothing says which "
                 "parameters it stands for"
@@ -469,7 +482,7 @@ def export_optimizer_state(
                 if mapping.torch_step:
                     # torch keeps the step as a float32 tensor per parameter.
                     put(name, "step", torch.tensor(float(step), dtype=torch.float32), path)
-                for field_name, tree in _buffer_trees(stage, path, names).items():
+                for field_name, tree in _buffer_trees(stage, path, params).items():
                     if tree.get(name) is not None:
                         put(name, mapping.buffers[field_name], tree[name].detach().clone(), path)
                 for field_name, key in mapping.scalars.items():
@@ -549,7 +562,7 @@ def import_optimizer_state(
 
     def import_group(stages: list[Any], path: str) -> tuple[list[Any], list[str]]:
         maps = [_STATES[type(s)] for s in stages]
-        members = _members(stages, path, names)
+        members = _members(stages, path, params)
         rows = {name: torch_state.get(index[name], {}) for name in members}
 
         def take(key: str, like: Mapping[str, Any]) -> dict[str, Tensor] | None:
@@ -590,10 +603,11 @@ def import_optimizer_state(
         changes_of = []
         for stage, mapping in zip(stages, maps, strict=True):
             changes: dict[str, Any] = {}
-            for field_name, tree in _buffer_trees(stage, path, names).items():
+            for field_name, tree in _buffer_trees(stage, path, params).items():
                 got = take(mapping.buffers[field_name], tree)
                 if got is not None:
-                    changes[field_name] = {n: got.get(n, leaf) for n, leaf in tree.items()}
+                    whole = getattr(stage, field_name)  # with the leaves torch keeps none of
+                    changes[field_name] = {n: got.get(n, leaf) for n, leaf in whole.items()}
                     started = True
             for field_name, key in mapping.scalars.items():
                 like = getattr(stage, field_name)
@@ -617,7 +631,7 @@ def import_optimizer_state(
                 value = (max(taken, 1) if started else 0) if mapping.count_means_started else taken
                 changes["count"] = torch.full_like(count, value)
             if mapping.lr is not None and lrs:
-                if len(lrs) > 1 and not any(_buffer_trees(s, path, names) for s in stages):
+                if len(lrs) > 1 and not any(_buffer_trees(s, path, params) for s in stages):
                     raise CheckpointError(
                         f"{path} keeps no per-parameter tensors, so nothing says which of "
                         f"torch's param groups (learning rates {sorted(lrs)}) it stands for; "

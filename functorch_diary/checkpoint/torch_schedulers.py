@@ -145,7 +145,8 @@ def export_scheduler_state(
             torch's scheduler last set).
 
     Returns:
-        The scheduler's ``state_dict`` at our step: ``last_epoch`` is the step count and
+        The scheduler's ``state_dict`` at our step: ``last_epoch`` is the step count
+        (``_step_count`` one more, which is where ``swa_utils.SWALR`` reads it) and
         ``_last_lr`` the groups' learning rates; ``CosineAnnealingWarmRestarts`` also gets
         its ``T_cur`` and ``T_i``. A ``ReduceLROnPlateau`` gets the
         :func:`~functorch_diary.optim.reduce_lr_on_plateau` stage's ``best``,
@@ -188,6 +189,9 @@ def export_scheduler_state(
     else:
         steps = _steps_of(opt_state)
         out["last_epoch"] = steps
+        if "_step_count" in out:
+            # The construction's step counts too; SWALR reads its position from it.
+            out["_step_count"] = steps + 1
         if {"T_cur", "T_i", "T_0", "T_mult"} <= set(out):
             # CosineAnnealingWarmRestarts' step(): T_cur += 1, a restart at T_i.
             t_cur, t_i = steps, out["T_0"]

@@ -13,7 +13,7 @@ Example:
     >>> params = {"w": torch.ones(2, 3), "b": torch.ones(3)}
     >>> state = opt.init(params)
     >>> state[-1].row_var["w"].shape, state[-1].col_var["w"].shape, state[-1].variance["w"]
-    (torch.Size([2, 1]), torch.Size([1, 3]), None)
+    (torch.Size([2, 1]), torch.Size([1, 3]), tensor([]))
 """
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ from .foreach_step import Number, fails, hyperparams_at, maximum, minimum, torch
 from .shards import require_whole
 from .transforms import ScalarOrSchedule, track_learning_rate
 
-__all__ = ["AdafactorState", "adafactor"]
+__all__ = ["AdafactorState", "adafactor", "is_factored"]
 
 
 class AdafactorState(NamedTuple):
     """Adafactor's step count and second-moment estimates: ``row_var`` and ``col_var`` for
-    leaves of two or more dimensions, ``variance`` for the others (``None`` where a leaf
-    has no such factor, as torch's state has no such key)."""
+    the leaves that :func:`is_factored`, ``variance`` for the others. Where a leaf has no
+    such estimate (torch's state has no such key) the tree holds an empty tensor, not
+    ``None``: Dynamo cannot flatten a dict whose values are all ``None`` (a tree of
+    matrices only), so such a state would not compile."""
 
     count: Tensor
     row_var: PyTree
@@ -44,7 +46,14 @@ class AdafactorState(NamedTuple):
     variance: PyTree
 
 
-def _factored(p: Tensor) -> bool:
+def is_factored(p: Tensor) -> bool:
+    """Whether Adafactor keeps a factored second moment (``row_var``, ``col_var``) for the
+    param ``p`` (two or more dimensions, as torch), else a full one (``variance``).
+
+    Example:
+        >>> is_factored(torch.ones(2, 3)), is_factored(torch.ones(3))
+        (True, False)
+    """
     return p.dim() > 1
 
 
@@ -92,14 +101,16 @@ def adafactor(
         raise ValueError(f"weight_decay should be >= 0 but is: {weight_decay}")
 
     def init(params: PyTree) -> AdafactorState:
-        def row(p: Tensor) -> Tensor | None:
-            return p.new_zeros((*p.shape[:-1], 1)) if _factored(p) else None
+        def row(p: Tensor) -> Tensor:
+            return p.new_zeros((*p.shape[:-1], 1)) if is_factored(p) else p.new_zeros(0)
 
-        def col(p: Tensor) -> Tensor | None:
-            return p.new_zeros((*p.shape[:-2], 1, p.shape[-1])) if _factored(p) else None
+        def col(p: Tensor) -> Tensor:
+            if not is_factored(p):
+                return p.new_zeros(0)
+            return p.new_zeros((*p.shape[:-2], 1, p.shape[-1]))
 
-        def full(p: Tensor) -> Tensor | None:
-            return None if _factored(p) else torch.zeros_like(p)
+        def full(p: Tensor) -> Tensor:
+            return p.new_zeros(0) if is_factored(p) else torch.zeros_like(p)
 
         return AdafactorState(
             zero_count(params), tree_map(row, params), tree_map(col, params), tree_map(full, params)
@@ -127,7 +138,7 @@ def adafactor(
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             weight = one_minus_beta2.to(g.dtype) if traced else one_minus_beta2
             floor = torch.finfo(p.dtype).eps if eps1 is None else eps1
-            if _factored(g):
+            if is_factored(g):
                 row_mean = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
                 row_var = torch.lerp(state.row_var[i], row_mean * row_mean / g.size(-1), weight)
                 col_mean = torch.linalg.vector_norm(g, dim=-2, keepdim=True)
@@ -136,11 +147,11 @@ def adafactor(
                 estimate = estimate / row_var.mean(dim=-2, keepdim=True).clamp_min(floor)
                 row_vars.append(row_var)
                 col_vars.append(col_var)
-                variances.append(None)
+                variances.append(state.variance[i])  # the empty placeholder, as it came
             else:
                 estimate = torch.lerp(state.variance[i], g * g, weight)
-                row_vars.append(None)
-                col_vars.append(None)
+                row_vars.append(state.row_var[i])
+                col_vars.append(state.col_var[i])
                 variances.append(estimate)
             update = estimate.clamp_min(floor * floor).rsqrt() * g
             clipped = maximum(1.0, number(update.norm(2), traced) / ((update.numel() ** 0.5) * d))

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 from torch import nn
-from torch.optim import lr_scheduler
+from torch.optim import lr_scheduler, swa_utils
 
 import functorch_diary as fd
 from functorch_diary import checkpoint, optim
@@ -61,6 +61,55 @@ SCHEDULED = {
             optim.cosine_annealing_warm_restarts(0.1, T_0=2, T_mult=2, eta_min=0.01), momentum=0.9
         ),
     ),
+    "multistep_lr(sgd)": Scheduled(
+        _with(
+            lambda n: torch.optim.SGD(n.parameters(), 0.1, momentum=0.9),
+            lambda o: lr_scheduler.MultiStepLR(o, milestones=[2, 4, 4, 6], gamma=0.5),
+        ),
+        lambda: optim.sgd(optim.multistep_lr(0.1, [2, 4, 4, 6], gamma=0.5), momentum=0.9),
+    ),
+    "exponential_lr(adam)": Scheduled(
+        _with(
+            lambda n: torch.optim.Adam(n.parameters(), 0.05),
+            lambda o: lr_scheduler.ExponentialLR(o, gamma=0.8),
+        ),
+        lambda: optim.adam(optim.exponential_lr(0.05, gamma=0.8)),
+    ),
+    "cosine_annealing_lr(sgd), past T_max": Scheduled(
+        _with(
+            lambda n: torch.optim.SGD(n.parameters(), 0.1, momentum=0.9),
+            lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=5, eta_min=0.01),
+        ),
+        lambda: optim.sgd(optim.cosine_annealing_lr(0.1, T_max=5, eta_min=0.01), momentum=0.9),
+    ),
+    "linear_lr(adamw)": Scheduled(
+        _with(
+            lambda n: torch.optim.AdamW(n.parameters(), 0.05),
+            lambda o: lr_scheduler.LinearLR(o, start_factor=0.25, total_iters=4),
+        ),
+        lambda: optim.adamw(optim.linear_lr(0.05, start_factor=0.25, total_iters=4)),
+    ),
+    "polynomial_lr(adagrad)": Scheduled(
+        _with(
+            lambda n: torch.optim.Adagrad(n.parameters(), 0.1),
+            lambda o: lr_scheduler.PolynomialLR(o, total_iters=5, power=2.0),
+        ),
+        lambda: optim.adagrad(optim.polynomial_lr(0.1, total_iters=5, power=2.0)),
+    ),
+    "constant_lr(sgd)": Scheduled(
+        _with(
+            lambda n: torch.optim.SGD(n.parameters(), 0.1, momentum=0.9),
+            lambda o: lr_scheduler.ConstantLR(o, factor=0.5, total_iters=4),
+        ),
+        lambda: optim.sgd(optim.constant_lr(0.1, factor=0.5, total_iters=4), momentum=0.9),
+    ),
+    "lambda_lr(rmsprop)": Scheduled(
+        _with(
+            lambda n: torch.optim.RMSprop(n.parameters(), 0.01),
+            lambda o: lr_scheduler.LambdaLR(o, lambda epoch: 0.9**epoch),
+        ),
+        lambda: optim.rmsprop(optim.lambda_lr(0.01, lambda step: 0.9**step)),
+    ),
     "step_lr(rmsprop)": Scheduled(
         _with(
             lambda n: torch.optim.RMSprop(n.parameters(), 0.01, momentum=0.5),
@@ -96,6 +145,13 @@ SCHEDULED = {
             lr=optim.cyclic_lr(0.01, 0.05, step_size_up=2), betas=(0.9, 0.999)
         ),
         _cyclic_beta1,
+    ),
+    "swa_lr(sgd)": Scheduled(
+        _with(
+            lambda n: torch.optim.SGD(n.parameters(), 0.1, momentum=0.9),
+            lambda o: swa_utils.SWALR(o, swa_lr=0.02, anneal_epochs=5),
+        ),
+        lambda: optim.sgd(optim.swa_lr(0.1, swa_lr=0.02, anneal_epochs=5), momentum=0.9),
     ),
     "reduce_lr_on_plateau(sgd)": Scheduled(
         _with(

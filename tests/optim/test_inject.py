@@ -162,23 +162,28 @@ def test_a_compiled_sgd_step_does_not_recompile_when_its_momentum_changes():
 
 
 # One Adam relative (betas) and one classic optimiser (L2 decay) of those written as
-# torch's foreach step (the others share their code paths), and Muon (momentum), on its
-# matrix: one compile for all three (a compile takes seconds here).
+# torch's foreach step (the others share their code paths), and Muon (momentum) and
+# Adafactor (decoupled decay) on a matrix (a state without one unfactored leaf, which did
+# not compile while a missing factor was None): one compile for all four (a compile takes
+# seconds here).
 NEW = {
     "nadam": {"lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 1e-2},
     "asgd": {"lr": 1e-2, "weight_decay": 1e-2},
     "muon": {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-2},
+    "adafactor": {"lr": 1e-2, "weight_decay": 1e-2},
 }
+MATRICES_ONLY = ("muon", "adafactor")
 
 
 def _leaves(name: str, tree: dict) -> dict:
-    return {"w": tree["w"]} if name == "muon" else tree
+    return {"w": tree["w"]} if name in MATRICES_ONLY else tree
 
 
 def test_a_compiled_step_of_the_new_optimisers_does_not_recompile_when_hyperparameters_change():
     """Their lr, weight decay, betas and momentum change every step, in one compiled
     function: 0 new graphs after the first, and torch's params (foreach=True where torch
-    has it) with param_groups[0] changed the same way, to 1e-12."""
+    has it) with param_groups[0] changed the same way, to 1e-12. (Dynamo's eager backend:
+    recompiles are Dynamo's whatever the backend, and it traces in half aot_eager's time.)"""
     torch._dynamo.reset()
     opts = {n: optim.inject_hyperparams(getattr(optim, n))(**kw) for n, kw in NEW.items()}
     params = {n: _leaves(n, _tree(0)) for n in NEW}
@@ -189,7 +194,7 @@ def test_a_compiled_step_of_the_new_optimisers_does_not_recompile_when_hyperpara
     }
     states = {n: opts[n].init(params[n]) for n in NEW}
 
-    @torch.compile(backend="aot_eager", fullgraph=True)
+    @torch.compile(backend="eager", fullgraph=True)
     def step(grads, states, params):
         new = {n: optim.apply_gradients(opts[n], grads[n], states[n], params[n]) for n in opts}
         return {n: p for n, (p, _) in new.items()}, {n: s for n, (_, s) in new.items()}
@@ -212,7 +217,7 @@ def test_a_compiled_step_of_the_new_optimisers_does_not_recompile_when_hyperpara
 
     both(0)
     with dynamo_counts() as seen:
-        for i in range(1, 4):
+        for i in range(1, 3):
             both(i)
     assert seen == {"graphs": 0, "breaks": 0}
     for n in NEW:
