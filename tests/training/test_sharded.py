@@ -341,30 +341,25 @@ print("finished", flush=True)
 """
 
 
-def test_a_rank_dying_mid_step_makes_the_other_fail_clearly_and_quickly(tmp_path):
+# Among 4, the ranks that notice first take ~2 s to name rank 3, then seconds to exit (a
+# sharded step's pending collectives); a rank blocked on one of them fails only then, and
+# names rank 3 from what it watched since the alarm: ~12 s in all under load.
+@pytest.mark.parametrize(
+    ("ranks", "dead", "timeout_s"),
+    [(2, 1, 20), pytest.param(4, 3, 60, marks=pytest.mark.slow)],
+    ids=["2-ranks", "4-ranks"],
+)
+def test_a_rank_dying_mid_step_is_named_by_every_survivor_quickly(tmp_path, ranks, dead, timeout_s):
     script = tmp_path / "worker.py"
     script.write_text(_DYING_WORKER)
-    timeout_s = 20
-    procs = start_ranks(script, 2, [str(timeout_s), "1"])
+    procs = start_ranks(script, ranks, [str(timeout_s), str(dead)])
     waited = assert_survivors_name_the_dead_rank(
-        procs, timeout_s, "rank {rank} of 2: a collective of the sharded step failed: rank 1 died"
+        procs,
+        timeout_s,
+        f"rank {{rank}} of {ranks}: a collective of the sharded step failed: rank {dead} died",
+        dead=dead,
     )
-    print(f"rank 0 failed {waited:.1f}s after rank 1 died")
-
-
-@pytest.mark.slow
-def test_a_rank_dying_among_four_is_named_by_every_survivor(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(_DYING_WORKER)
-    # The ranks that notice first take ~2 s to name rank 3, then seconds to exit (a
-    # sharded step's pending collectives); a rank blocked on one of them fails only then,
-    # and names rank 3 from what it watched since the alarm: ~12 s in all under load.
-    timeout_s = 60
-    procs = start_ranks(script, 4, [str(timeout_s), "3"])
-    waited = assert_survivors_name_the_dead_rank(
-        procs, timeout_s, "rank {rank} of 4: a collective of the sharded step failed", dead=3
-    )
-    print(f"the last survivor failed {waited:.1f}s after rank 3 died")
+    print(f"the last survivor failed {waited:.1f}s after rank {dead} died")
 
 
 def test_torchrun_shard_trains_sharded_and_equals_one_process(tmp_path):
