@@ -1,5 +1,7 @@
 """Training: the one pure step, its compile policy, GAN steps, ensembles, projections, the
-non-finite guard, ``fit`` and data-parallel training."""
+non-finite guard, ``fit``, data-parallel training with its dead-rank heartbeats
+(``liveness``), and sharded training (``training.sharded``, imported on use: it loads
+``torch.distributed.tensor``)."""
 
 from . import distributed, ensemble, fit, gan, projections
 from .guard import guard_train_step
