@@ -40,9 +40,9 @@ import time
 import weakref
 from pathlib import Path
 
+import optree
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves as torch_tree_leaves
 
 # ---------------------------------------------------------------- the tensor-bytes counter
 
@@ -76,7 +76,7 @@ class PeakTensorBytes(TorchDispatchMode):
         return [p for t in inner if isinstance(t, torch.Tensor) for p in self._plain(t)]
 
     def _storages(self, tree) -> list:
-        tensors = [t for t in torch_tree_leaves(tree) if isinstance(t, torch.Tensor)]
+        tensors = [t for t in optree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
         plain = [p for t in tensors for p in self._plain(t) if p.device.type != "meta"]
         return [p.untyped_storage() for p in plain]
 
