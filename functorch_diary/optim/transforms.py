@@ -230,7 +230,9 @@ def trace(
         numbers = None
         if lr is not None:
             numbers = _host_numbers(state.count, weight_decay, momentum, dampening)
-        if numbers is None:
+        # An injected momentum of 0 still keeps a buffer here, and torch's fused kernel
+        # takes none at momentum 0: that step takes the update path.
+        if numbers is None or numbers[2] == 0.0:
             return update_then_apply(update, updates, state, params)
         done, decay, momentum_now, dampening_now = numbers
         new_params, buffers = fused.sgd(
@@ -634,7 +636,9 @@ def _fast_path_inputs(
     ``kernel_state``: the state trees a :mod:`.fused` CPU step reads leaf by leaf with the
     params, or ``None`` for a stage whose fast path is ``foreach`` kernels (any device)."""
     grads, spec = _flatten(updates)
-    base = spec.flatten_up_to(params) if grads else []
+    if not grads:  # a group with nothing to train (all frozen): the update path is a no-op
+        return grads, spec, [], None
+    base = spec.flatten_up_to(params)
     # The checks come before reading any number: a read would break a graph under compile.
     columns = [tree_leaves(tree) for tree in kernel_state or ()]
     if kernel_state is not None and not fused.runs_on(base, grads, *columns):

@@ -91,6 +91,29 @@ def test_changing_the_injected_momentum_between_steps_is_torch_setting_param_gro
     assert_trees_close(params, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", ["update", "apply_gradients"])
+def test_an_injected_sgd_momentum_of_zero_is_torch_s_plain_sgd(path):
+    # torch's fused SGD kernel takes no momentum buffers at momentum 0, and the injected
+    # stage always keeps one: the step must still run (it raised in the kernel before).
+    params = _tree(0)
+    tensors = [nn.Parameter(v.clone()) for v in params.values()]
+    torch_opt = torch.optim.SGD(tensors, lr=0.05, momentum=0.0, weight_decay=1e-2)
+    opt = optim.inject_hyperparams(optim.sgd)(lr=0.05, momentum=0.0, weight_decay=1e-2)
+    state = opt.init(params)
+    for step in range(3):
+        grads = _tree(step + 1)
+        for t, g in zip(tensors, grads.values(), strict=True):
+            t.grad = g.clone()
+        torch_opt.step()
+        if path == "update":
+            updates, state = opt.update(grads, state, params)
+            params = optim.apply_updates(params, updates)
+        else:
+            params, state = optim.apply_gradients(opt, grads, state, params)
+    expected = {k: t.detach() for k, t in zip(params, tensors, strict=True)}
+    assert_trees_close(params, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_injected_hyperparameters_are_checked_as_torch_checks_them():
     with pytest.raises(ValueError, match="Nesterov momentum requires a momentum"):
         optim.inject_hyperparams(optim.sgd)(lr=0.1, momentum=0.0, nesterov=True)

@@ -108,6 +108,21 @@ def test_frozen_leaves_keep_negative_zero_and_nan_bits(path):
     assert not torch.equal(new["w"], params["w"])
 
 
+@PATHS
+@pytest.mark.parametrize("name", ["sgd", "adam", "rmsprop"])
+def test_freezing_every_leaf_leaves_a_group_with_nothing_to_train(name, path):
+    # The trainable group is empty: every stage's fast path must pass, not run a kernel on
+    # an empty tensor list (which torch refuses).
+    params = {"p0": torch.tensor(-0.0), "b": torch.tensor([1.5, -2.0])}
+    opt = optim.freeze(getattr(optim, name)(0.25), ["p0", "b"])
+    state = opt.init(params)
+    new = params
+    for _ in range(2):
+        new, state = _step(opt, {"p0": torch.tensor(1.0), "b": torch.ones(2)}, state, new, path)
+    as_bits = lambda t: t.view(torch.int32)  # noqa: E731
+    assert all(torch.equal(as_bits(new[k]), as_bits(params[k])) for k in params)
+
+
 def test_the_three_torch_ways_of_freezing_differ_and_freeze_matches_skipping():
     """lr=0 and grad=0 still let weight decay and momentum move params in torch; skipping
     the parameter in step() is the one that keeps it fixed, and :func:`optim.freeze` is it."""
