@@ -49,6 +49,8 @@ __all__ = [
     "tree_global_norm",
     "tree_leaves",
     "tree_map",
+    "tree_map_nodes",
+    "tree_nodes",
     "tree_paths",
     "tree_scale",
     "tree_sub",
@@ -66,6 +68,50 @@ def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
 def tree_leaves(tree: PyTree) -> list[Any]:
     """The leaves of ``tree`` in optree's canonical (key-sorted) order."""
     return optree.tree_leaves(tree, none_is_leaf=False)
+
+
+NodeMatch = Union[type, Callable[[Any], bool]]  # noqa: UP007 (a runtime alias)
+
+
+def _node_matcher(match: NodeMatch) -> Callable[[Any], bool]:
+    return (lambda node: isinstance(node, match)) if isinstance(match, type) else match
+
+
+def tree_nodes(tree: PyTree, match: NodeMatch) -> list[Any]:
+    """The subtrees of ``tree`` that ``match`` (a type, or a predicate on a node), outermost
+    first and not looked into: how a state of one kind is found in an optimiser state
+    (a schedule's inside a chain inside a wrapper).
+
+    Example:
+        >>> from typing import NamedTuple
+        >>> class Lr(NamedTuple):
+        ...     lr: float
+        >>> tree_nodes({"a": (Lr(0.1), 3), "b": [Lr(0.2)]}, Lr)
+        [Lr(lr=0.1), Lr(lr=0.2)]
+    """
+    matches = _node_matcher(match)
+    nodes = optree.tree_leaves(tree, is_leaf=matches, none_is_leaf=False)
+    return [node for node in nodes if matches(node)]
+
+
+def tree_map_nodes(fn: Callable[[Any], Any], tree: PyTree, match: NodeMatch) -> PyTree:
+    """``tree`` with ``fn(node)`` in place of each subtree that ``match`` es (as
+    :func:`tree_nodes` finds them), everything else as it is.
+
+    Example:
+        >>> from typing import NamedTuple
+        >>> class Lr(NamedTuple):
+        ...     lr: float
+        >>> tree_map_nodes(lambda n: n._replace(lr=n.lr * 10), {"a": (Lr(0.1), 3)}, Lr)
+        {'a': (Lr(lr=1.0), 3)}
+    """
+    matches = _node_matcher(match)
+    return optree.tree_map(
+        lambda node: fn(node) if matches(node) else node,
+        tree,
+        is_leaf=matches,
+        none_is_leaf=False,
+    )
 
 
 def _entry_name(entry: Any) -> str:

@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import optree
 import torch
 
 from ..optim.schedules import ReduceLROnPlateauState
 from ..optim.transforms import ScaleByLearningRateState
+from ..tree import tree_map_nodes, tree_nodes
 from .format import CheckpointError
 
 __all__ = ["export_scheduler_state", "is_plateau", "with_plateau_counters"]
@@ -36,12 +36,7 @@ def is_plateau(scheduler: Mapping[str, Any]) -> bool:
 
 
 def _plateau_stages(opt_state: Any) -> list[ReduceLROnPlateauState]:
-    nodes = optree.tree_leaves(
-        opt_state,
-        is_leaf=lambda node: isinstance(node, ReduceLROnPlateauState),
-        none_is_leaf=False,
-    )
-    found = [node for node in nodes if isinstance(node, ReduceLROnPlateauState)]
+    found = tree_nodes(opt_state, ReduceLROnPlateauState)
     if len(found) != 1:
         raise CheckpointError(
             f"a ReduceLROnPlateau state_dict needs one reduce_lr_on_plateau stage in the "
@@ -98,9 +93,7 @@ def with_plateau_counters(opt_state: Any, scheduler: Mapping[str, Any]) -> Any:
     (stage,) = _plateau_stages(opt_state)
     _check_plateau_options(stage, scheduler)
 
-    def fill(node: Any) -> Any:
-        if not isinstance(node, ReduceLROnPlateauState):
-            return node
+    def fill(node: ReduceLROnPlateauState) -> ReduceLROnPlateauState:
         return node._replace(
             best=torch.full_like(node.best, float(scheduler["best"])),
             num_bad_epochs=torch.full_like(node.num_bad_epochs, int(scheduler["num_bad_epochs"])),
@@ -109,24 +102,13 @@ def with_plateau_counters(opt_state: Any, scheduler: Mapping[str, Any]) -> Any:
             ),
         )
 
-    return optree.tree_map(
-        fill,
-        opt_state,
-        is_leaf=lambda node: isinstance(node, ReduceLROnPlateauState),
-        none_is_leaf=False,
-    )
+    return tree_map_nodes(fill, opt_state, ReduceLROnPlateauState)
 
 
 def _steps_of(opt_state: Any) -> int:
     """The steps taken: the count of the first learning-rate stage (as ``current_lr``)."""
-    nodes = optree.tree_leaves(
-        opt_state,
-        is_leaf=lambda node: isinstance(node, ScaleByLearningRateState),
-        none_is_leaf=False,
-    )
-    for node in nodes:
-        if isinstance(node, ScaleByLearningRateState):
-            return int(node.count)
+    for node in tree_nodes(opt_state, ScaleByLearningRateState):
+        return int(node.count)
     raise CheckpointError("the optimiser state holds no learning-rate stage to count steps by")
 
 

@@ -22,11 +22,10 @@ import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import optree
 import torch
 
 from ..model.checks import TreeMismatchError
-from ..tree import PyTree, tree_leaves, tree_map
+from ..tree import PyTree, tree_leaves, tree_map, tree_map_nodes
 from .base import GradientTransformation, apply_gradients
 
 __all__ = ["INJECTABLE", "InjectHyperparamsState", "inject_hyperparams", "set_hyperparams"]
@@ -149,9 +148,7 @@ def set_hyperparams(opt_state: PyTree, **values: Any) -> PyTree:
     """
     found = []
 
-    def replace(node: Any) -> Any:
-        if not isinstance(node, InjectHyperparamsState):
-            return node
+    def replace(node: InjectHyperparamsState) -> InjectHyperparamsState:
         found.append(node)
         unknown = set(values) - set(node.hyperparams)
         if unknown:
@@ -168,12 +165,7 @@ def set_hyperparams(opt_state: PyTree, **values: Any) -> PyTree:
             )
         return InjectHyperparamsState(new, node.inner)
 
-    new_state = optree.tree_map(
-        replace,
-        opt_state,
-        is_leaf=lambda node: isinstance(node, InjectHyperparamsState),
-        none_is_leaf=False,
-    )
+    new_state = tree_map_nodes(replace, opt_state, InjectHyperparamsState)
     if not found:
         raise ValueError(
             "the optimiser state holds no injected hyperparameters (inject_hyperparams)"

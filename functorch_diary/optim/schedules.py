@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import optree
 import torch
 from torch import Tensor
 
-from ..tree import PyTree, tree_leaves, tree_map
+from ..tree import PyTree, tree_leaves, tree_map, tree_map_nodes
 from .base import GradientTransformation
 from .transforms import ScaleByLearningRateState, Schedule, scale_by_learning_rate
 
@@ -640,9 +639,7 @@ def report_metric(opt_state: PyTree, metric: float | Tensor) -> PyTree:
         2.0
     """
 
-    def step(state: Any) -> Any:
-        if not isinstance(state, ReduceLROnPlateauState):
-            return state
+    def step(state: ReduceLROnPlateauState) -> ReduceLROnPlateauState:
         c = state.config
         current = torch.as_tensor(metric, dtype=torch.float64, device=state.best.device)
         best = state.best
@@ -672,9 +669,4 @@ def report_metric(opt_state: PyTree, metric: float | Tensor) -> PyTree:
             c,
         )
 
-    return optree.tree_map(
-        step,
-        opt_state,
-        is_leaf=lambda node: isinstance(node, ReduceLROnPlateauState),
-        none_is_leaf=False,
-    )
+    return tree_map_nodes(step, opt_state, ReduceLROnPlateauState)

@@ -30,7 +30,7 @@ import optree
 import torch
 from torch import Tensor
 
-from ..tree import PyTree, tree_add, tree_leaves, tree_map, tree_scale
+from ..tree import PyTree, tree_add, tree_leaves, tree_map, tree_nodes, tree_scale
 from . import fused
 from .base import (
     EmptyState,
@@ -760,32 +760,21 @@ def current_lr(opt_state: PyTree, group: str | None = None) -> Tensor:
             if group in inner_states:
                 return current_lr(inner_states[group])
         raise ValueError(f"no parameter group {group!r} in the optimiser state")
-    states = optree.tree_leaves(
-        opt_state,
-        is_leaf=lambda node: isinstance(node, ScaleByLearningRateState),
-        none_is_leaf=False,
-    )
-    for node in states:
-        if isinstance(node, ScaleByLearningRateState):
-            return node.lr
+    for node in tree_nodes(opt_state, ScaleByLearningRateState):
+        return node.lr
     raise ValueError("the optimiser state holds no learning rate (no scale_by_learning_rate stage)")
 
 
 def _find_injected_lr(opt_state: PyTree) -> Tensor | None:
     # inject_hyperparams states (found by duck typing: this module does not import the
     # optimisers) hold the lr the next update uses; the stage inside holds the last one.
-    nodes = optree.tree_leaves(
-        opt_state, is_leaf=lambda node: hasattr(node, "hyperparams"), none_is_leaf=False
-    )
-    for node in nodes:
-        if hasattr(node, "hyperparams") and "lr" in node.hyperparams:
+    for node in tree_nodes(opt_state, lambda node: hasattr(node, "hyperparams")):
+        if "lr" in node.hyperparams:
             return node.hyperparams["lr"]
     return None
 
 
 def _find_groups(opt_state: PyTree) -> list[dict]:
     # multi_transform states are found by duck typing so this module need not import masking.
-    nodes = optree.tree_leaves(
-        opt_state, is_leaf=lambda node: hasattr(node, "inner_states"), none_is_leaf=False
-    )
-    return [node.inner_states for node in nodes if hasattr(node, "inner_states")]
+    nodes = tree_nodes(opt_state, lambda node: hasattr(node, "inner_states"))
+    return [node.inner_states for node in nodes]
