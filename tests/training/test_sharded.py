@@ -230,9 +230,10 @@ def _reports(stdout: list[str]) -> dict[tuple[str, int], dict]:
     return {(r["case"], r["rank"]): r for r in lines}
 
 
-# On 4 ranks (slower: 4 processes on 2 cores), the cases without ResNet-18.
+# On 4 ranks (slower: 4 processes on 2 cores), the equality cases of the three models.
 FOUR_RANK_CASES = ["mlp-sgdm-float64", "mlp-adamw-float64", "lenet-sgdm-float64",
-                   "lenet-adamw-float64"]  # fmt: skip
+                   "lenet-adamw-float64", "resnet18-sgdm-float64",
+                   "resnet18-adamw-float64"]  # fmt: skip
 
 
 def _launch(tmp_path_factory, ranks: int, cases: list[str]) -> dict[tuple[str, int], dict]:
