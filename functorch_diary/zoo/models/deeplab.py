@@ -97,7 +97,9 @@ class ASPP(nn.Module):
         self.conv3 = nn.Conv2d(channels, num_classes, 1)
         self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
+        """The fused branches before the classifier (``channels`` wide): what a
+        DeepLabv3+ decoder upsamples and joins with low-level features."""
         branches = [
             self.relu(bn(conv(x)))
             for conv, bn in (
@@ -111,7 +113,10 @@ class ASPP(nn.Module):
         branches.append(
             F.interpolate(pooled, size=x.shape[2:], mode="bilinear", align_corners=True)
         )
-        return self.conv3(self.relu(self.bn2(self.conv2(torch.cat(branches, dim=1)))))
+        return self.relu(self.bn2(self.conv2(torch.cat(branches, dim=1))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv3(self.features(x))
 
 
 class DeepLabV3(ResNet):
