@@ -1,4 +1,4 @@
-"""Segmentation and detection recipes: UNet, DeepLabv3 (two norms) and YOLO v1.
+"""Segmentation and detection recipes: UNet, DeepLabv3+ (two norms) and YOLO v1.
 
 They train on the synthetic sets of :mod:`functorch_diary.data.synthetic` (shapes on
 textured backgrounds, generated from the seed, nothing to download); ``unet`` and the
@@ -13,12 +13,13 @@ the pixels only.
 Sizes are chosen to reach a result in minutes on one CPU core:
 
 - ``unet``: 32x32 images, 4 classes (background + 3 shapes), UNet base width 16, depth 3.
-- ``deeplab`` / ``deeplab-bn``: the same data; DeepLabv3 on a one-block-per-stage
-  ResNet-10 (torchvision's ``BasicBlock``) with ASPP of width 32 at rates (1, 2, 3), with
-  GroupNorm(8) and weight-standardised convolutions (the DeepLabv3 tutorial's variant) or BatchNorm.
-  For 32x32 inputs the stem's max pool is skipped and the last stage is not strided
-  (output stride 4, an 8x8 map), as DeepLab's dilation does on large images; the keys
-  stay torchvision's.
+- ``deeplab`` / ``deeplab-bn``: the same data; DeepLabv3+ (:class:`SmallDeepLab`): a
+  one-block-per-stage ResNet-10 (torchvision's ``BasicBlock``) with ASPP of width 32 at
+  rates (1, 2, 3), with GroupNorm(8) and weight-standardised convolutions (the DeepLabv3
+  tutorial's variant) or BatchNorm. For 32x32 inputs the stem's max pool is skipped and
+  the last stage is not strided (output stride 8, a 4x4 map), as DeepLab's dilation
+  does on large images, and a DeepLabv3+ decoder joins the first stage's 16x16 features;
+  the backbone's and ASPP's keys stay torchvision's and DeepLabV3's.
 - ``yolo``: 64x64 images with 1-3 objects, one per quadrant; YOLO v1 with widths / 8,
   a 2x2 grid (``total_stride=32``: one cell per quadrant, so no two objects share a
   cell), 2 boxes per cell, hidden width 256; mAP@0.5 after confidence filtering and NMS.
@@ -483,19 +484,19 @@ RECIPES = {
         ),
         Recipe(
             name="deeplab",
-            description="DeepLabv3 (ResNet-10, GroupNorm + weight standardisation) on 32x32 "
+            description="DeepLabv3+ (ResNet-10, GroupNorm + weight standardisation) on 32x32 "
             "synthetic shapes, AdamW + cosine; mIoU",
             build_model=partial(_deeplab, 8, True),
-            epochs=8,
+            epochs=14,
             lr=5e-3,
             **_SEGMENTATION,
         ),
         Recipe(
             name="deeplab-bn",
-            description="DeepLabv3 (ResNet-10, BatchNorm) on 32x32 synthetic shapes, AdamW + "
+            description="DeepLabv3+ (ResNet-10, BatchNorm) on 32x32 synthetic shapes, AdamW + "
             "cosine; mIoU",
             build_model=partial(_deeplab, None, False),
-            epochs=8,
+            epochs=14,
             lr=5e-3,
             **_SEGMENTATION,
         ),
