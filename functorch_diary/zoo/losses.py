@@ -17,6 +17,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -107,6 +109,7 @@ def yolo_v1_loss(
     grid: int | None = None,
     lambda_coord: float = 5.0,
     lambda_noobj: float = 0.5,
+    confidence_target: Literal["iou", "one"] = "iou",
 ) -> Tensor:
     """The YOLO v1 loss, summed over the grid and averaged over the batch.
 
@@ -129,6 +132,10 @@ def yolo_v1_loss(
         boxes: B.
         grid: S; inferred from ``targets`` when ``None``.
         lambda_coord, lambda_noobj: the paper's weights (5 and 0.5).
+        confidence_target: what the responsible box's confidence regresses to: its IoU
+            with the target (``"iou"``, the paper) or 1 (``"one"``, as many
+            reimplementations do: objects and background separate faster while the
+            predicted boxes are still poor).
 
     Returns:
         A 0-dim tensor: the total loss divided by N.
@@ -141,6 +148,9 @@ def yolo_v1_loss(
         >>> yolo_v1_loss(pred, target, num_classes=20).shape
         torch.Size([])
     """
+    if confidence_target not in ("iou", "one"):
+        raise ValueError(f'confidence_target must be "iou" or "one", got {confidence_target!r}')
+    iou_target = confidence_target == "iou"
     s = targets.shape[1] if grid is None else grid
     c, per_cell = num_classes, num_classes + 5 * boxes
     n = targets.shape[0]
@@ -186,7 +196,7 @@ def yolo_v1_loss(
     )
     conf = pred_boxes[..., 4]
     coord_loss = lambda_coord * (responsible * (xy_err + wh_err)).sum()
-    obj_loss = (responsible * (conf - ious).square()).sum()
+    obj_loss = (responsible * (conf - (ious if iou_target else 1.0)).square()).sum()
     noobj_loss = lambda_noobj * ((1.0 - responsible) * conf.square()).sum()
     class_loss = (obj * (pred[..., :c] - targets[..., :c]).square().sum(-1)).sum()
     return (coord_loss + obj_loss + noobj_loss + class_loss) / n

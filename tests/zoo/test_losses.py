@@ -76,7 +76,7 @@ def _iou(a, b):
     return inter / (abs(a[2] * a[3]) + abs(b[2] * b[3]) - inter + 1e-9)
 
 
-def _yolo_loss_loop(pred, target, s, b, c, l_coord=5.0, l_noobj=0.5):
+def _yolo_loss_loop(pred, target, s, b, c, l_coord=5.0, l_noobj=0.5, iou_target=True):
     """The YOLO v1 loss written as the paper's sums, cell by cell and box by box."""
     n = pred.shape[0]
     pred = pred.reshape(n, s, s, c + 5 * b)
@@ -102,7 +102,7 @@ def _yolo_loss_loop(pred, target, s, b, c, l_coord=5.0, l_noobj=0.5):
                         sh = torch.sign(h) * torch.sqrt(h.abs() + 1e-9)
                         total = total + l_coord * ((sw - torch.sqrt(t[c + 2])) ** 2
                                                    + (sh - torch.sqrt(t[c + 3])) ** 2)  # fmt: skip
-                        total = total + (conf - ious[j]) ** 2
+                        total = total + (conf - (ious[j] if iou_target else 1.0)) ** 2
                     else:
                         total = total + l_noobj * conf**2
                 if has_obj:
@@ -130,13 +130,16 @@ def _yolo_batch(n, s, b, c, seed):
     b=st.integers(1, 3),
     c=st.integers(1, 4),
     seed=st.integers(0, 2**16),
+    lambdas=st.sampled_from([(5.0, 0.5), (2.0, 1.5)]),
+    confidence_target=st.sampled_from(["iou", "one"]),
 )
-def test_yolo_v1_loss_matches_the_papers_sums(n, s, b, c, seed):
+def test_yolo_v1_loss_matches_the_papers_sums(n, s, b, c, seed, lambdas, confidence_target):
     pred, target = _yolo_batch(n, s, b, c, seed)
     pred_loop = pred.clone().requires_grad_(True)
     pred_vec = pred.clone().requires_grad_(True)
-    expected = _yolo_loss_loop(pred_loop, target, s, b, c)
-    got = yolo_v1_loss(pred_vec, target, num_classes=c, boxes=b)
+    expected = _yolo_loss_loop(pred_loop, target, s, b, c, *lambdas, confidence_target == "iou")
+    got = yolo_v1_loss(pred_vec, target, num_classes=c, boxes=b, lambda_coord=lambdas[0],
+                       lambda_noobj=lambdas[1], confidence_target=confidence_target)  # fmt: skip
     assert_trees_close(got, expected.detach(), rtol=1e-10, atol=1e-12)
     expected.backward()
     got.backward()
@@ -151,6 +154,8 @@ def test_yolo_v1_loss_accepts_the_flat_head_output_and_is_pure():
     assert_trees_close((pred, target), before)
     with pytest.raises(ValueError, match=r"N \* S \* S \* \(C \+ 5B\)"):
         yolo_v1_loss(pred[..., :-1], target, num_classes=20)
+    with pytest.raises(ValueError, match='confidence_target must be "iou" or "one", got 1'):
+        yolo_v1_loss(pred, target, num_classes=20, confidence_target=1)
 
 
 def test_perfect_prediction_costs_nothing():

@@ -82,6 +82,7 @@ _YOLO = {"num_classes": len(SHAPES), "boxes": 2, "image_size": DET_SIZE}
 _YOLO_STRIDE = 32  # a 2x2 grid on 64x64 images: one cell per quadrant of the layout
 _YOLO_GRID = DET_SIZE // _YOLO_STRIDE
 _LAMBDA_COORD, _LAMBDA_NOOBJ = 5.0, 0.5
+_CONFIDENCE_TARGET = "iou"
 
 
 # ---------------------------------------------------------------------------- data
@@ -281,6 +282,7 @@ def yolo_loss(outputs: Tensor, targets: Tensor) -> Tensor:
         boxes=_YOLO["boxes"],
         lambda_coord=_LAMBDA_COORD,
         lambda_noobj=_LAMBDA_NOOBJ,
+        confidence_target=_CONFIDENCE_TARGET,
     )
 
 
