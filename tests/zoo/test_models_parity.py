@@ -24,6 +24,7 @@ from torchvision import models as tv
 
 from functorch_diary import Model, extract
 from functorch_diary import models as zoo
+from functorch_diary.cli.recipes import vision
 from functorch_diary.testing import assert_trees_close
 from functorch_diary.tree import tree_clone, tree_flatten_with_paths
 
@@ -139,6 +140,18 @@ CASES = {
             zoo.DeepLabV3, zoo.deeplab.BasicBlock, (1, 1, 1, 1), 3, dilate_last=False,
             aspp_channels=8, num_groups=4, weight_std=True,
         ),
+        image(2, 64),
+    ),
+    # The vision recipes' variants: DeepLabv3+ (decoder) and YOLO v1 with a 1x1-conv head.
+    "deeplabv3plus-recipe": (
+        Model(partial(vision.SmallDeepLab, 4, 4, True, aspp_channels=8, low_channels=8)),
+        partial(vision.SmallDeepLab, 4, 4, True, aspp_channels=8, low_channels=8),
+        image(2, 32),
+    ),
+    "yolo_v1-conv-head": (
+        vision.conv_head_yolo(num_classes=3, image_size=64, width_divisor=16, hidden=16,
+                              dropout=0.0, total_stride=32),
+        partial(vision.ConvHeadYolo, 3, 2, 64, 16, 16, 0.0, 32),
         image(2, 64),
     ),
     "darknet-tiny": (zoo.darknet_from_cfg(TINY_CFG), partial(zoo.Darknet, TINY_CFG), image(2, 32)),

@@ -64,6 +64,7 @@ __all__ = [
     "augment_detection",
     "augment_segmentation",
     "confusion_matrix",
+    "conv_head_yolo",
     "detection_metrics",
     "draw_detection",
     "draw_predictions",
@@ -81,8 +82,6 @@ SEG_SIZE, DET_SIZE = 32, 64
 _YOLO = {"num_classes": len(SHAPES), "boxes": 2, "image_size": DET_SIZE}
 _YOLO_STRIDE = 32  # a 2x2 grid on 64x64 images: one cell per quadrant of the layout
 _YOLO_GRID = DET_SIZE // _YOLO_STRIDE
-_LAMBDA_COORD, _LAMBDA_NOOBJ = 5.0, 0.5
-_CONFIDENCE_TARGET = "iou"
 
 
 # ---------------------------------------------------------------------------- data
@@ -270,6 +269,10 @@ def conv_head_yolo(**kwargs) -> Model:
 
 
 # ---------------------------------------------------------------------------- losses
+
+
+_LAMBDA_COORD, _LAMBDA_NOOBJ = 5.0, 0.5
+_CONFIDENCE_TARGET = "iou"
 
 
 def yolo_loss(outputs: Tensor, targets: Tensor) -> Tensor:
