@@ -188,6 +188,12 @@ class SmallDeepLab(DeepLabV3):
     al. 2018), the ASPP features are upsampled to the first stage's 16x16 map, joined
     with its features reduced to ``low_channels`` by a 1x1 convolution, fused by a 3x3
     convolution, and classified by ASPP's own classifier before the final upsampling.
+
+    Example:
+        >>> model = Model(partial(SmallDeepLab, 4, 8, True))
+        >>> params, state = model.init(seed=0)
+        >>> model.apply(params, state, torch.rand(2, 3, 32, 32))[0].shape
+        torch.Size([2, 4, 32, 32])
     """
 
     def __init__(
@@ -248,6 +254,13 @@ class ConvHeadYolo(YoloV1):
     cell's feature vector to ``hidden`` features and then to that cell's ``C + 5B``
     numbers, the same weights for every cell (the fully connected head learns each
     cell's mapping separately). The output layout is YOLO v1's ``(N, S, S, C + 5B)``.
+
+    Example:
+        >>> model = conv_head_yolo(num_classes=3, image_size=64, width_divisor=16, hidden=8,
+        ...                        total_stride=32)
+        >>> params, state = model.init(seed=0)
+        >>> model.apply(params, state, torch.rand(2, 3, 64, 64))[0].shape
+        torch.Size([2, 2, 2, 13])
     """
 
     def __init__(self, *args, **kwargs):
