@@ -68,11 +68,11 @@ __all__ = [
     "conv_head_yolo",
     "detection_metrics",
     "draw_detection",
-    "draw_predictions",
     "draw_segmentation",
     "load_detection_data",
     "load_segmentation_data",
     "mean_iou",
+    "pack_targets",
     "segmentation_metrics",
     "small_deeplab",
     "yolo_loss",
@@ -135,14 +135,14 @@ def augment_detection(images: Tensor, targets: Tensor, key: Tensor) -> tuple[Ten
     Example:
         >>> from functorch_diary import prng
         >>> data = detection_set(4, 64, seed=0)
-        >>> images, targets = augment_detection(data.images, _pack(data.boxes, data.labels),
+        >>> images, targets = augment_detection(data.images, pack_targets(data.boxes, data.labels),
         ...                                     prng.key(0))
         >>> images.shape, targets.shape
         (torch.Size([4, 3, 64, 64]), torch.Size([4, 3, 5]))
     """
     out = _DETECTION_AUGMENT(augment.VisionBatch(images, boxes=targets[..., :4]), key)
     boxes, labels = augment.sanitize_boxes(out.boxes, targets[..., 4].long(), images.shape[-2:])
-    return out.images, _pack(boxes, labels)
+    return out.images, pack_targets(boxes, labels)
 
 
 def load_segmentation_data(data_dir: Path | None, n_train: int = 4000, n_test: int = 500) -> Split:
@@ -156,8 +156,14 @@ def load_segmentation_data(data_dir: Path | None, n_train: int = 4000, n_test: i
     return Split(*train, *test)
 
 
-def _pack(boxes: Tensor, labels: Tensor) -> Tensor:
-    """Boxes and labels as one ``(N, M, 5)`` target tensor, so batching indexes both."""
+def pack_targets(boxes: Tensor, labels: Tensor) -> Tensor:
+    """Boxes ``(N, M, 4)`` and labels ``(N, M)`` as one ``(N, M, 5)`` target tensor, so
+    batching indexes both (the detection recipe's targets; label -1 marks padding).
+
+    Example:
+        >>> pack_targets(torch.tensor([[[1.0, 2.0, 3.0, 4.0]]]), torch.tensor([[2]])).tolist()
+        [[[1.0, 2.0, 3.0, 4.0, 2.0]]]
+    """
     return torch.cat([boxes, labels[..., None].to(boxes.dtype)], dim=-1)
 
 
@@ -171,8 +177,8 @@ def load_detection_data(data_dir: Path | None, n_train: int = 4000, n_test: int 
         )
     train = detection_set(n_train, DET_SIZE, seed=0)
     test = detection_set(n_test, DET_SIZE, seed=1)
-    return Split(train.images, _pack(train.boxes, train.labels), test.images,
-                 _pack(test.boxes, test.labels))  # fmt: skip
+    return Split(train.images, pack_targets(train.boxes, train.labels), test.images,
+                 pack_targets(test.boxes, test.labels))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- models
@@ -429,6 +435,14 @@ def draw_segmentation(model: Model, ts: TrainState, images: Tensor, masks: Tenso
     pixels (a 32x32 image to 128x128), 2 pixels apart.
 
     ``images`` are on the state's device; the picture is on the CPU.
+
+    Example:
+        >>> from functorch_diary import init_train_state, optim
+        >>> model = RECIPES["unet"].build_model()
+        >>> ts = init_train_state(model, optim.sgd(0.1), seed=0)
+        >>> data = segmentation_set(2, SEG_SIZE, seed=0)
+        >>> draw_segmentation(model, ts, data.images, data.masks).shape  # 2 rows of 2 tiles
+        torch.Size([3, 262, 262])
     """
     predicted = _predict(model, ts, images).argmax(dim=1)
     images, masks, scale = images.cpu(), masks.cpu(), _scale(images)
@@ -443,6 +457,15 @@ def draw_detection(model: Model, ts: TrainState, images: Tensor, targets: Tensor
     score; each tile enlarged to about 128 pixels, 2 pixels apart.
 
     ``images`` are on the state's device; the picture is on the CPU.
+
+    Example:
+        >>> from functorch_diary import init_train_state, optim
+        >>> model = RECIPES["yolo"].build_model()
+        >>> ts = init_train_state(model, optim.sgd(0.1), seed=0)
+        >>> data = detection_set(2, DET_SIZE, seed=0)
+        >>> targets = pack_targets(data.boxes, data.labels)
+        >>> draw_detection(model, ts, data.images, targets).dtype
+        torch.uint8
     """
     found = _detections(_predict(model, ts, images), score_threshold=0.3)
     scale = _scale(images)
@@ -451,13 +474,6 @@ def draw_detection(model: Model, ts: TrainState, images: Tensor, targets: Tensor
         for image, dets, target in zip(images.cpu(), found, targets.cpu(), strict=True)
     ]
     return make_grid(torch.stack(tiles), nrow=len(images), padding=2)
-
-
-def draw_predictions(recipe: str, ts: TrainState, images: Tensor, targets: Tensor) -> Tensor:
-    """The picture ``train --out`` writes (``predictions.png``) for a trained ``recipe``
-    (``Recipe.draw``: :func:`draw_segmentation` or :func:`draw_detection`)."""
-    chosen = RECIPES[recipe]
-    return chosen.draw(chosen.build_model(), ts, images, targets)
 
 
 # ---------------------------------------------------------------------------- recipes
