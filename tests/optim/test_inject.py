@@ -30,23 +30,23 @@ def _tree(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("path", ["update", "apply_gradients"])
-@pytest.mark.parametrize("name", list(KWARGS))
-def test_changing_the_injected_lr_between_steps_is_torch_setting_param_groups(name, path):
-    kwargs = KWARGS[name]
+def _side_by_side(torch_opt, opt, changes: list[dict], path: str) -> None:
+    """Steps of ``torch_opt`` (over params equal to ``_tree(0)``) and of ``opt`` on the same
+    gradients; before step i, ``changes[i]`` is set in torch's ``param_groups[0]`` and in
+    ours by ``set_hyperparams``. The params end equal to 1e-12."""
+    tensors = torch_opt.param_groups[0]["params"]
     params = _tree(0)
-    tensors = [nn.Parameter(v.clone()) for v in params.values()]
-    torch_opt = TORCH[name](tensors, foreach=True, **kwargs)
-    opt = optim.inject_hyperparams(getattr(optim, name))(**kwargs)
     state = opt.init(params)
-    for step, lr in enumerate(LRS):
+    for step, change in enumerate(changes):
         grads = _tree(step + 1)
-        torch_opt.param_groups[0]["lr"] = lr
+        torch_opt.param_groups[0].update(change)
         for t, g in zip(tensors, grads.values(), strict=True):
             t.grad = g.clone()
         torch_opt.step()
-        state = optim.set_hyperparams(state, lr=lr)
-        assert float(optim.current_lr(state)) == lr
+        if change:
+            state = optim.set_hyperparams(state, **change)
+        if "lr" in change:
+            assert float(optim.current_lr(state)) == change["lr"]
         if path == "update":
             updates, state = opt.update(grads, state, params)
             params = optim.apply_updates(params, updates)
@@ -54,6 +54,19 @@ def test_changing_the_injected_lr_between_steps_is_torch_setting_param_groups(na
             params, state = optim.apply_gradients(opt, grads, state, params)
     expected = {k: t.detach() for k, t in zip(params, tensors, strict=True)}
     assert_trees_close(params, expected, rtol=1e-12, atol=1e-12)
+
+
+def _torch_twin(name: str, **kwargs):
+    return TORCH[name]([nn.Parameter(v.clone()) for v in _tree(0).values()], **kwargs)
+
+
+@pytest.mark.parametrize("path", ["update", "apply_gradients"])
+@pytest.mark.parametrize("name", list(KWARGS))
+def test_changing_the_injected_lr_between_steps_is_torch_setting_param_groups(name, path):
+    kwargs = KWARGS[name]
+    opt = optim.inject_hyperparams(getattr(optim, name))(**kwargs)
+    changes = [{"lr": lr} for lr in LRS]
+    _side_by_side(_torch_twin(name, foreach=True, **kwargs), opt, changes, path)
 
 
 # torch's param_groups[0] values before each step: momentum (and SGD's dampening) change
@@ -67,51 +80,20 @@ DAMPENINGS = [0.0, 0.1, 0.0, 0.3, 0.2]
 @pytest.mark.parametrize("name", ["sgd", "rmsprop"])
 def test_changing_the_injected_momentum_between_steps_is_torch_setting_param_groups(name, path):
     kwargs = {"lr": 0.05, "momentum": MOMENTA[0], "weight_decay": 1e-2}
-    params = _tree(0)
-    tensors = [nn.Parameter(v.clone()) for v in params.values()]
-    torch_opt = TORCH[name](tensors, foreach=True, **kwargs)
     opt = optim.inject_hyperparams(getattr(optim, name))(**kwargs)
-    state = opt.init(params)
-    for step, momentum in enumerate(MOMENTA):
-        grads = _tree(step + 1)
-        changes = {"momentum": momentum}
-        if name == "sgd":
-            changes["dampening"] = DAMPENINGS[step]
-        torch_opt.param_groups[0].update(changes)
-        for t, g in zip(tensors, grads.values(), strict=True):
-            t.grad = g.clone()
-        torch_opt.step()
-        state = optim.set_hyperparams(state, **changes)
-        if path == "update":
-            updates, state = opt.update(grads, state, params)
-            params = optim.apply_updates(params, updates)
-        else:
-            params, state = optim.apply_gradients(opt, grads, state, params)
-    expected = {k: t.detach() for k, t in zip(params, tensors, strict=True)}
-    assert_trees_close(params, expected, rtol=1e-12, atol=1e-12)
+    changes = [{"momentum": m} for m in MOMENTA]
+    if name == "sgd":
+        changes = [{**c, "dampening": d} for c, d in zip(changes, DAMPENINGS, strict=True)]
+    _side_by_side(_torch_twin(name, foreach=True, **kwargs), opt, changes, path)
 
 
 @pytest.mark.parametrize("path", ["update", "apply_gradients"])
 def test_an_injected_sgd_momentum_of_zero_is_torch_s_plain_sgd(path):
     # torch's fused SGD kernel takes no momentum buffers at momentum 0, and the injected
     # stage always keeps one: the step must still run (it raised in the kernel before).
-    params = _tree(0)
-    tensors = [nn.Parameter(v.clone()) for v in params.values()]
-    torch_opt = torch.optim.SGD(tensors, lr=0.05, momentum=0.0, weight_decay=1e-2)
-    opt = optim.inject_hyperparams(optim.sgd)(lr=0.05, momentum=0.0, weight_decay=1e-2)
-    state = opt.init(params)
-    for step in range(3):
-        grads = _tree(step + 1)
-        for t, g in zip(tensors, grads.values(), strict=True):
-            t.grad = g.clone()
-        torch_opt.step()
-        if path == "update":
-            updates, state = opt.update(grads, state, params)
-            params = optim.apply_updates(params, updates)
-        else:
-            params, state = optim.apply_gradients(opt, grads, state, params)
-    expected = {k: t.detach() for k, t in zip(params, tensors, strict=True)}
-    assert_trees_close(params, expected, rtol=1e-12, atol=1e-12)
+    kwargs = {"lr": 0.05, "momentum": 0.0, "weight_decay": 1e-2}
+    opt = optim.inject_hyperparams(optim.sgd)(**kwargs)
+    _side_by_side(_torch_twin("sgd", **kwargs), opt, [{}, {}, {}], path)
 
 
 def test_injected_hyperparameters_are_checked_as_torch_checks_them():
