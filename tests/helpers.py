@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -100,6 +101,13 @@ def write_mnist(folder, n_train=20, n_test=10, gz=False):
     for name, array in arrays.items():
         write_idx(folder / name, array, gz=gz)
     return arrays
+
+
+def write_image(image: torch.Tensor, path, **save_options) -> None:
+    """Write a uint8 ``(1|3, H, W)`` tensor as the image file ``path`` with Pillow itself
+    (the format from the suffix), not with the library's writer under test."""
+    pixels = image.permute(1, 2, 0).numpy()
+    Image.fromarray(pixels[:, :, 0] if image.shape[0] == 1 else pixels).save(path, **save_options)
 
 
 CIFAR_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor
-from torchvision.io import encode_png
 
+from ..data.images import encode_png
 from ..training.checkpointing import best_checkpoint, latest_checkpoint, load_checkpoint
 from ..training.step import TrainState, init_train_state
 from .errors import CliError, failure
@@ -111,8 +111,7 @@ def write_predictions(
     picture = recipe.draw(
         recipe.build_model(), ts, images[:PICTURED].to(device), targets[:PICTURED].to(device)
     )
-    # Encoded here and written by Python: an unwritable path is an OSError naming it
-    # (torchvision's write_png raises a RuntimeError about its C++ source instead).
-    data = encode_png(picture).numpy().tobytes()
+    # Encoded here and written by Python: an unwritable path is an OSError naming it.
+    data = encode_png(picture)
     with failure(f"writing {option} {path}", "pick a folder you can write to", OSError):
         path.write_bytes(data)

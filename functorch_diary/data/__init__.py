@@ -1,7 +1,8 @@
 """Data that needs no download: bundled digits, synthetic segmentation/detection sets, local
-MNIST IDX, CIFAR-10, image folders and VOC/COCO boxes, batching, pure augmentation."""
+MNIST IDX, CIFAR-10, PNG/JPEG files, image folders and VOC/COCO boxes, batching, pure
+augmentation."""
 
-from . import augment, folders, synthetic
+from . import augment, folders, images, synthetic
 from .batches import batches
 from .cifar import CIFAR10_FILES, cifar10_split, load_cifar10
 from .digits import digits_batch, load_digits
@@ -17,6 +18,7 @@ __all__ = [
     "cifar10_split",
     "digits_batch",
     "folders",
+    "images",
     "load_cifar10",
     "load_digits",
     "load_mnist_idx",

@@ -33,6 +33,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .images import read_image
+
 __all__ = [
     "VOC_CLASSES",
     "Detection",
@@ -56,18 +58,6 @@ class Detection(NamedTuple):
     image: Tensor
     boxes: Tensor
     labels: Tensor
-
-
-def _read_image(path: Path, gray: bool = False) -> Tensor:
-    # torchvision (and with it torch._dynamo) loads when an image is read, not on import.
-    from torchvision.io import ImageReadMode, decode_image
-
-    if not path.is_file():
-        raise FileNotFoundError(f"image file {path} not found")
-    try:
-        return decode_image(str(path), mode=ImageReadMode.GRAY if gray else ImageReadMode.RGB)
-    except RuntimeError as error:
-        raise ValueError(f"{path} is not a readable PNG/JPEG image: {error}") from None
 
 
 def _folder(path: Path, what: str, root: Path, layout: str) -> Path:
@@ -106,7 +96,7 @@ def load_segmentation_folder(
         mask_file = mask_dir / f"{file.stem}.png"
         if not mask_file.is_file():
             raise FileNotFoundError(f"mask {mask_file} for image {file} not found")
-        image, mask = _read_image(file), _read_image(mask_file, gray=True)
+        image, mask = read_image(file), read_image(mask_file, gray=True)
         if image.shape[1:] != mask.shape[1:] or (xs and image.shape != xs[0].shape):
             raise ValueError(
                 f"{file} is {tuple(image.shape[1:])} and {mask_file} {tuple(mask.shape[1:])}; "
@@ -170,7 +160,7 @@ def load_voc_detection(
         if not xml_file.is_file():
             raise FileNotFoundError(f"VOC annotation {xml_file} (listed in {listing}) not found")
         boxes, labels = _voc_objects(xml_file, classes)
-        out.append(Detection(_read_image(root / "JPEGImages" / f"{name}.jpg"), boxes, labels))
+        out.append(Detection(read_image(root / "JPEGImages" / f"{name}.jpg"), boxes, labels))
     return out
 
 
@@ -215,5 +205,5 @@ def load_coco_detection(
         xywh = torch.tensor([o["bbox"] for o in objs], dtype=torch.float32).reshape(-1, 4)
         boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
         labels = torch.tensor([label_of[o["category_id"]] for o in objs], dtype=torch.int64)
-        out.append(Detection(_read_image(images / record["file_name"]), boxes, labels))
+        out.append(Detection(read_image(images / record["file_name"]), boxes, labels))
     return out, [c["name"] for c in categories]

@@ -8,8 +8,8 @@ from functools import partial
 
 import pytest
 import torch
+from PIL import Image
 from torchvision import tv_tensors
-from torchvision.io import decode_png, read_file, write_png
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -24,6 +24,7 @@ from functorch_diary.cli.recipes.vision import (
 from functorch_diary.data import augment
 from functorch_diary.data.synthetic import segmentation_set
 from functorch_diary.testing import assert_trees_close
+from tests.helpers import write_image
 
 
 def _write_folder(root, n, seed):
@@ -32,12 +33,13 @@ def _write_folder(root, n, seed):
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     for i in range(n):
-        write_png((data.images[i] * 255).round().byte(), str(root / "images" / f"{i:03d}.png"))
-        write_png(data.masks[i][None].byte(), str(root / "masks" / f"{i:03d}.png"))
+        write_image((data.images[i] * 255).round().byte(), root / "images" / f"{i:03d}.png")
+        write_image(data.masks[i][None].byte(), root / "masks" / f"{i:03d}.png")
 
 
 def _png_shape(path):
-    return tuple(decode_png(read_file(str(path))).shape)
+    with Image.open(path) as image:
+        return (len(image.getbands()), image.height, image.width)
 
 
 def _run(tmp_path, recipe, *extra):

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-from torchvision.io import write_jpeg, write_png
 
 from functorch_diary.data.folders import (
     load_coco_detection,
     load_segmentation_folder,
     load_voc_detection,
 )
+from tests.helpers import write_image
 
 
 def _image(seed, h=6, w=8):
@@ -27,8 +27,8 @@ def test_segmentation_folder_round_trip(tmp_path):
         [torch.randint(0, 4, (1, 6, 8), dtype=torch.uint8) for _ in range(2)],
     )
     for i, (x, m) in enumerate(zip(images, masks, strict=True)):
-        write_png(x, str(tmp_path / "images" / f"b{i}.png"))
-        write_png(m, str(tmp_path / "masks" / f"b{i}.png"))
+        write_image(x, tmp_path / "images" / f"b{i}.png")
+        write_image(m, tmp_path / "masks" / f"b{i}.png")
     x, y = load_segmentation_folder(tmp_path)
     assert torch.equal(x, torch.stack(images).float() / 255)
     assert torch.equal(y, torch.cat(masks).long())
@@ -39,10 +39,10 @@ def test_segmentation_folder_errors_name_the_file(tmp_path):
         load_segmentation_folder(tmp_path)
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
-    write_png(_image(0), str(tmp_path / "images" / "a.png"))
+    write_image(_image(0), tmp_path / "images" / "a.png")
     with pytest.raises(FileNotFoundError, match=r"mask .*a\.png for image"):
         load_segmentation_folder(tmp_path)
-    write_png(torch.zeros(1, 5, 8, dtype=torch.uint8), str(tmp_path / "masks" / "a.png"))
+    write_image(torch.zeros(1, 5, 8, dtype=torch.uint8), tmp_path / "masks" / "a.png")
     with pytest.raises(ValueError, match=r"\(6, 8\) and .*\(5, 8\)"):
         load_segmentation_folder(tmp_path)
     (tmp_path / "masks" / "a.png").write_bytes(b"not a png")
@@ -62,7 +62,7 @@ def _voc(root, names=("000001",)):
     (root / "ImageSets/Main/train.txt").write_text("\n".join(names) + "\n")
     for name in names:
         (root / "Annotations" / f"{name}.xml").write_text(VOC_XML.format(name=name))
-        write_jpeg(_image(1), str(root / "JPEGImages" / f"{name}.jpg"))
+        write_image(_image(1), root / "JPEGImages" / f"{name}.jpg")
 
 
 def test_voc_boxes_become_zero_based_xyxy(tmp_path):
@@ -91,7 +91,7 @@ def test_voc_errors_name_the_file(tmp_path):
 
 
 def test_coco_boxes_and_contiguous_labels(tmp_path):
-    write_png(_image(2), str(tmp_path / "a.png"))
+    write_image(_image(2), tmp_path / "a.png")
     data = {
         "images": [{"id": 7, "file_name": "a.png"}],
         "categories": [{"id": 18, "name": "dog"}, {"id": 3, "name": "car"}],
