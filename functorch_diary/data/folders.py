@@ -4,7 +4,8 @@ Everything is read from files already on disk (never downloaded), with errors th
 the missing file or folder and say what layout is expected.
 
 - :func:`load_segmentation_folder`: ``root/images/NAME.(png|jpg)`` with
-  ``root/masks/NAME.png``, a single-channel PNG whose values are class indices.
+  ``root/masks/NAME.png``, a single-channel PNG of class indices (gray values, or a
+  palette PNG's indices as in VOC's ``SegmentationClass``).
 - :func:`load_voc_detection`: the PASCAL VOC layout (``Annotations/*.xml``,
   ``JPEGImages/*.jpg``, ``ImageSets/Main/<split>.txt``), read directly with the standard
   XML parser (torchvision's ``VOCDetection`` needs the ``VOCdevkit/VOC2012`` nesting and
@@ -33,7 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .images import read_image
+from .images import read_image, read_mask
 
 __all__ = [
     "VOC_CLASSES",
@@ -96,14 +97,14 @@ def load_segmentation_folder(
         mask_file = mask_dir / f"{file.stem}.png"
         if not mask_file.is_file():
             raise FileNotFoundError(f"mask {mask_file} for image {file} not found")
-        image, mask = read_image(file), read_image(mask_file, gray=True)
-        if image.shape[1:] != mask.shape[1:] or (xs and image.shape != xs[0].shape):
+        image, mask = read_image(file), read_mask(mask_file)
+        if image.shape[1:] != mask.shape or (xs and image.shape != xs[0].shape):
             raise ValueError(
-                f"{file} is {tuple(image.shape[1:])} and {mask_file} {tuple(mask.shape[1:])}; "
+                f"{file} is {tuple(image.shape[1:])} and {mask_file} {tuple(mask.shape)}; "
                 f"every image and mask must be {tuple((xs or [image])[0].shape[1:])}"
             )
         xs.append(image)
-        ys.append(mask[0])
+        ys.append(mask)
     return torch.stack(xs).float() / 255.0, torch.stack(ys).long()
 
 

@@ -1,6 +1,8 @@
 """Image files as uint8 ``(C, H, W)`` tensors, read and encoded with Pillow.
 
 - :func:`read_image`: a PNG or JPEG file as RGB ``(3, H, W)`` or gray ``(1, H, W)``.
+- :func:`read_mask`: a single-channel PNG of class indices as ``(H, W)``: a gray file's
+  values, or a palette file's indices (PASCAL VOC's ``SegmentationClass`` masks).
 - :func:`encode_png`: a ``(1|3, H, W)`` uint8 tensor as PNG bytes, for the caller to write
   (so an unwritable path is the caller's ``OSError``, naming it).
 
@@ -28,7 +30,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["encode_png", "read_image"]
+__all__ = ["encode_png", "read_image", "read_mask"]
 
 # What the data loaders accept: a GIF or a TIFF is an error naming the file, not a guess.
 _FORMATS = ("PNG", "JPEG")
@@ -44,7 +46,7 @@ def read_image(path: str | Path, gray: bool = False) -> Tensor:
 
     Args:
         path: a PNG or JPEG file with 8 bits per channel.
-        gray: read one channel instead of three (e.g. a mask of class indices).
+        gray: read one channel instead of three (a class-index mask: :func:`read_mask`).
 
     Raises:
         FileNotFoundError: ``path`` is not a file (named).
@@ -72,6 +74,44 @@ def read_image(path: str | Path, gray: bool = False) -> Tensor:
         raise ValueError(f"{path} is not a readable PNG/JPEG image: {error}") from None
     channels_first = torch.from_numpy(pixels).reshape(*pixels.shape[:2], -1).permute(2, 0, 1)
     return channels_first.contiguous()
+
+
+def read_mask(path: str | Path) -> Tensor:
+    """The class-index mask at ``path`` as a uint8 ``(H, W)`` tensor.
+
+    A gray PNG gives its values; a palette PNG its palette *indices*, not their colours
+    (VOC's ``SegmentationClass`` files are palette PNGs whose index is the class and 255
+    the void border), and a 1-bit PNG 0 and 1. A colour file is refused: its colours are
+    not indices, and converting them to gray would make up classes.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file (named).
+        ValueError: not a readable 8-bit PNG, or not gray/palette (named, with its mode).
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> from PIL import Image
+        >>> from functorch_diary.data.images import read_mask
+        >>> voc = Image.fromarray(np.array([[0, 1], [15, 255]], dtype=np.uint8), mode="P")
+        >>> voc.putpalette([0, 0, 0, 128, 0, 0] * 128)  # colours that are not the indices
+        >>> path = tempfile.mkdtemp() + "/mask.png"
+        >>> voc.save(path)
+        >>> read_mask(path).tolist()
+        [[0, 1], [15, 255]]
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask file {path} not found")
+    try:
+        with Image.open(path, formats=("PNG",)) as image:
+            if image.mode not in ("L", "P", "1"):
+                raise ValueError(
+                    f"{image.mode} pixels; a mask is a gray or palette PNG of class indices"
+                )
+            pixels = np.array(image, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{path} is not a readable mask PNG: {error}") from None
+    return torch.from_numpy(pixels)
 
 
 def encode_png(image: Tensor) -> bytes:

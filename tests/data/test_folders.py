@@ -46,7 +46,7 @@ def test_segmentation_folder_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"\(6, 8\) and .*\(5, 8\)"):
         load_segmentation_folder(tmp_path)
     (tmp_path / "masks" / "a.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="not a readable PNG/JPEG"):
+    with pytest.raises(ValueError, match=r"a\.png is not a readable mask PNG"):
         load_segmentation_folder(tmp_path)
 
 

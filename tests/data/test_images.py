@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from functorch_diary.data.images import encode_png, read_image
+from functorch_diary.data.images import encode_png, read_image, read_mask
 from tests.helpers import write_image
 
 
@@ -94,3 +94,23 @@ def test_encode_png_names_a_wrong_tensor():
         encode_png(torch.rand(3, 4, 4))
     with pytest.raises(ValueError, match=r"got torch.uint8 \(2, 4, 4\)"):
         encode_png(torch.zeros(2, 4, 4, dtype=torch.uint8))
+
+
+def test_masks_are_gray_values_or_palette_indices_never_colours(tmp_path):
+    indices = np.array([[0, 1, 2], [15, 20, 255]], dtype=np.uint8)
+    # A VOC-style palette whose colours are not the indices: luma would be other numbers.
+    voc = Image.fromarray(indices, mode="P")
+    voc.putpalette([value for i in range(256) for value in (128, i, 255 - i)])
+    voc.save(tmp_path / "voc.png")
+    Image.fromarray(indices, mode="L").save(tmp_path / "gray.png")
+    Image.fromarray(indices.astype(bool)).save(tmp_path / "bilevel.png")
+    assert torch.equal(read_mask(tmp_path / "voc.png"), torch.from_numpy(indices))
+    assert torch.equal(read_mask(tmp_path / "gray.png"), torch.from_numpy(indices))
+    assert read_mask(tmp_path / "bilevel.png").tolist() == [[0, 1, 1], [1, 1, 1]]
+    luma = read_image(tmp_path / "voc.png", gray=True)[0]
+    assert not torch.equal(luma, read_mask(tmp_path / "voc.png"))  # the colours' gray differs
+    Image.fromarray(np.zeros((2, 3, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(ValueError, match=r"rgb\.png is not a readable mask PNG: RGB pixels"):
+        read_mask(tmp_path / "rgb.png")
+    with pytest.raises(FileNotFoundError, match=r"mask file .*missing\.png not found"):
+        read_mask(tmp_path / "missing.png")
