@@ -202,20 +202,27 @@ def start_ranks(script: Path, world_size: int, args: Sequence[str] = (), cwd=Non
 def run_ranks(
     script: Path, world_size: int, args: Sequence[str] = (), timeout: float = 120, cwd=None
 ):
-    """Run :func:`start_ranks` to the end; raise with every rank's stderr if one fails."""
-    procs = start_ranks(script, world_size, args, cwd)
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=timeout))
-    finally:
-        for proc in procs:
-            proc.kill()
-    failed = [
-        (r, p.returncode, err)
-        for r, (p, (_, err)) in enumerate(zip(procs, outputs, strict=True))
-        if p.returncode
-    ]
+    """Run :func:`start_ranks` to the end; raise with every rank's stderr if one fails.
+
+    ``free_port`` releases its port before rank 0 binds it, so another test process may
+    take it in between: a launch whose store could not bind (``EADDRINUSE``) is retried on
+    a new port, up to twice."""
+    for attempt in range(3):
+        procs = start_ranks(script, world_size, args, cwd)
+        outputs = []
+        try:
+            for proc in procs:
+                outputs.append(proc.communicate(timeout=timeout))
+        finally:
+            for proc in procs:
+                proc.kill()
+        failed = [
+            (r, p.returncode, err)
+            for r, (p, (_, err)) in enumerate(zip(procs, outputs, strict=True))
+            if p.returncode
+        ]
+        if not (failed and attempt < 2 and any("EADDRINUSE" in e for _, _, e in failed)):
+            break
     if failed:
         raise AssertionError("\n".join(f"rank {r} exited {c}:\n{e[-3000:]}" for r, c, e in failed))
     return [out for out, _ in outputs]
