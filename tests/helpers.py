@@ -176,6 +176,21 @@ def torchrun(args: Sequence[str], cwd, nproc: int = 2, timeout: float = 300) -> 
     return done.stdout
 
 
+def torchrun_reference(steps: int, batch_size: int):
+    """What ``cli.distributed`` trains with ``--optimizer adam --lr 0.01 --dtype float64``,
+    in one process on the whole batches: the MLP's ``TrainState`` after ``steps`` steps."""
+    import functorch_diary as fd
+    from functorch_diary import data, models, optim
+
+    model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
+    opt = optim.adam(0.01)
+    ts = fd.init_train_state(model, opt, seed=0, dtype=torch.float64)
+    step = fd.make_train_step(model, torch.nn.functional.cross_entropy, opt)
+    for i in range(steps):
+        ts, _ = step(ts, data.digits_batch(i, batch_size, 0, torch.float64))
+    return ts
+
+
 def start_ranks(script: Path, world_size: int, args: Sequence[str] = (), cwd=None):
     """``world_size`` processes of ``script`` with torchrun's variables (gloo on localhost),
     started at once; returns the ``Popen`` s (stdout/stderr piped, text)."""

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import functorch_diary as fd
-from functorch_diary import checkpoint, data, models, optim
+from functorch_diary import checkpoint
 from functorch_diary.training import distributed
-from tests.helpers import assert_survivors_name_the_dead_rank, start_ranks, torchrun
+from tests.helpers import (
+    assert_survivors_name_the_dead_rank,
+    start_ranks,
+    torchrun,
+    torchrun_reference,
+)
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without torch.distributed"
@@ -21,12 +25,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_path):
     out = tmp_path / "dp.ckpt"
     torchrun(["--steps", "10", "--batch-size", "32", "--optimizer", "adam", "--lr", "0.01",
               "--dtype", "float64", "--out", str(out)], cwd=tmp_path)  # fmt: skip
-    model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
-    opt = optim.adam(0.01)
-    ts = fd.init_train_state(model, opt, seed=0, dtype=torch.float64)
-    step = fd.make_train_step(model, nn.functional.cross_entropy, opt)
-    for i in range(10):
-        ts, _ = step(ts, data.digits_batch(i, 32, 0, torch.float64))
+    ts = torchrun_reference(steps=10, batch_size=32)
     got = checkpoint.load(out)
     assert checkpoint.read_metadata(out) == {"world_size": 2}
     assert int(got.step) == 10

@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import functorch_diary as fd
-from functorch_diary import checkpoint, data, models, optim
+from functorch_diary import checkpoint, optim
 from functorch_diary.training import sharded
 from tests.helpers import (
     SmallBNNet,
@@ -19,6 +19,7 @@ from tests.helpers import (
     run_ranks,
     start_ranks,
     torchrun,
+    torchrun_reference,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -367,12 +368,7 @@ def test_torchrun_shard_trains_sharded_and_equals_one_process(tmp_path):
     out = tmp_path / "sharded.ckpt"
     torchrun(["--shard", "--steps", "4", "--batch-size", "16", "--optimizer", "adam", "--lr",
               "0.01", "--dtype", "float64", "--out", str(out)], cwd=tmp_path)  # fmt: skip
-    model = models.mlp(in_features=64, hidden=(32,), num_classes=10)
-    opt = optim.adam(0.01)
-    ts = fd.init_train_state(model, opt, seed=0, dtype=torch.float64)
-    step = fd.make_train_step(model, nn.functional.cross_entropy, opt)
-    for i in range(4):
-        ts, _ = step(ts, data.digits_batch(i, 16, 0, torch.float64))
+    ts = torchrun_reference(steps=4, batch_size=16)
     assert checkpoint.read_metadata(out) == {"world_size": 2, "sharded": True}
     got = checkpoint.load(out)
     assert int(got.step) == 4
